@@ -1,0 +1,252 @@
+"""QuantConfig: everything a run needs to know, loaded from a recipe and overridden by flags.
+
+A recipe is a YAML file whose sections mirror the dataclasses below. Unknown keys and bad values are refused
+with a message naming the key, so a typo in a recipe never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+ALGORITHMS = ("rtn", "gptq", "gpfq", "qronos")
+WEIGHT_FORMATS = ("int",)
+SCALE_METHODS = ("minmax", "mse")
+REFERENCE_MODES = ("float", "local")
+DIALECTS = ("qdq",)
+DEVICES = ("auto", "cpu", "cuda")
+STATS_DTYPES = ("float32", "float64")
+ACT_FORMATS = ("none",)
+
+
+@dataclass
+class WeightQuantConfig:
+    """How weights are gridded. Groups run along the input dimension; 0 means one scale per output channel."""
+
+    format: str = "int"
+    bits: int = 4
+    symmetric: bool = False
+    group_size: int = 0
+    narrow: bool = False
+    scale_method: str = "minmax"
+    minmax_scale: float = 1.0  # beta of the "scaled min-max" grid (0.8 in the paper's 2-bit runs)
+
+    def validate(self) -> None:
+        _choice("weights.format", self.format, WEIGHT_FORMATS)
+        _choice("weights.scale_method", self.scale_method, SCALE_METHODS)
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ConfigError(f"weights.bits must be an integer from 2 to 8, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 0:
+            raise ConfigError(f"weights.group_size must be 0 (per channel) or a positive integer, got {self.group_size!r}")
+        if self.group_size and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
+            raise ConfigError(
+                f"weights.group_size must be a power of two >= 16 (what ONNX runtimes fuse), got {self.group_size}"
+            )
+        if not 0.0 < float(self.minmax_scale) <= 1.0:
+            raise ConfigError(f"weights.minmax_scale must be in (0, 1], got {self.minmax_scale!r}")
+        if self.narrow and not self.symmetric and self.bits != 2:
+            raise ConfigError("weights.narrow with an asymmetric grid is only defined for 2 bits (ternary)")
+
+
+@dataclass
+class ActivationQuantConfig:
+    """Activation quantizers on the inputs of quantized targets ('none' until the activation work lands)."""
+
+    format: str = "none"
+
+    def validate(self) -> None:
+        _choice("activations.format", self.format, ACT_FORMATS)
+
+    @property
+    def enabled(self) -> bool:
+        return self.format != "none"
+
+
+@dataclass
+class RoundingConfig:
+    """Which rounding algorithm and its knobs. ``damping=None`` takes each algorithm's published default."""
+
+    algorithm: str = "qronos"
+    act_order: bool = True
+    damping: float | None = None
+    block_size: int = 0  # 0: ceil(N / 100) as Brevitas does
+    stats_dtype: str = "float32"
+
+    def validate(self) -> None:
+        _choice("rounding.algorithm", self.algorithm, ALGORITHMS)
+        _choice("rounding.stats_dtype", self.stats_dtype, STATS_DTYPES)
+        if self.damping is not None and not float(self.damping) >= 0.0:
+            raise ConfigError(f"rounding.damping must be >= 0, got {self.damping!r}")
+        if not isinstance(self.block_size, int) or self.block_size < 0:
+            raise ConfigError(f"rounding.block_size must be >= 0, got {self.block_size!r}")
+
+
+@dataclass
+class CaptureConfig:
+    """How X and X-tilde are produced."""
+
+    reference: str = "float"
+    max_memory: int = 4 << 30  # bytes of frontier kept in RAM before spilling to memory-mapped files
+    samples: int | None = None  # use at most this many calibration samples (None: all)
+    seq_len: int = 256  # window length when calibration data is text
+    batch_size: int = 1  # calibration samples per onnxruntime call
+
+    def validate(self) -> None:
+        _choice("capture.reference", self.reference, REFERENCE_MODES)
+        if not isinstance(self.max_memory, int) or self.max_memory < 0:
+            raise ConfigError(f"capture.max_memory must be a byte count >= 0, got {self.max_memory!r}")
+        if self.samples is not None and (not isinstance(self.samples, int) or self.samples < 1):
+            raise ConfigError(f"capture.samples must be a positive integer, got {self.samples!r}")
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ConfigError(f"capture.seq_len must be an integer >= 2, got {self.seq_len!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"capture.batch_size must be a positive integer, got {self.batch_size!r}")
+
+
+@dataclass
+class ExportConfig:
+    dialect: str = "qdq"
+
+    def validate(self) -> None:
+        _choice("export.dialect", self.dialect, DIALECTS)
+
+
+@dataclass
+class QuantConfig:
+    weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    activations: ActivationQuantConfig = field(default_factory=ActivationQuantConfig)
+    rounding: RoundingConfig = field(default_factory=RoundingConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    exclude: list[str] = field(default_factory=list)  # regular expressions matched against node names
+    device: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> "QuantConfig":
+        for section in (self.weights, self.activations, self.rounding, self.capture, self.export):
+            section.validate()
+        _choice("device", self.device, DEVICES)
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"exclude pattern {pattern!r} is not a valid regular expression: {err}") from None
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "QuantConfig":
+        return _build(cls, data or {}, source, "").validate()
+
+    def override(self, updates: dict[str, Any]) -> "QuantConfig":
+        """Return a copy with dotted keys replaced, e.g. ``{"weights.bits": 3}`` (flags win over recipes)."""
+        data = self.to_dict()
+        for dotted, value in updates.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node[key]
+            if leaf not in node:
+                raise ConfigError(f"unknown option {dotted!r}")
+            node[leaf] = value
+        return QuantConfig.from_dict(data, source="flags")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix or 'the recipe'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(
+                f"{source}: unknown key {prefix + key!r}; expected one of {', '.join(sorted(fields))}"
+            )
+        sub = _SECTIONS.get(key) if cls is QuantConfig else None
+        if sub is not None:
+            kwargs[key] = _build(sub, value, source, prefix + key + ".")
+        elif key == "max_memory":
+            kwargs[key] = parse_bytes(value, f"{source}: {prefix}{key}")
+        else:
+            kwargs[key] = value
+    if "exclude" in kwargs and not isinstance(kwargs["exclude"], list):
+        raise ConfigError(f"{source}: exclude must be a list of patterns")
+    return cls(**kwargs)
+
+
+_SECTIONS = {
+    "weights": WeightQuantConfig,
+    "activations": ActivationQuantConfig,
+    "rounding": RoundingConfig,
+    "capture": CaptureConfig,
+    "export": ExportConfig,
+}
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30,
+          "T": 1 << 40, "TB": 1 << 40}
+
+
+def parse_bytes(value: Any, what: str = "size") -> int:
+    """'4GB', '512M', 1024 -> bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be a size such as 4GB, got {value!r}")
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?B?)\s*", str(value).upper())
+    if not match:
+        raise ConfigError(f"{what} must be a size such as 4GB or 512MB, got {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+# ---------------------------------------------------------------------------------------------------- recipes
+
+def recipe_dir() -> Path:
+    """The built-in recipes: the checkout's top-level recipes/ folder, or its installed copy in the package."""
+    source = Path(__file__).resolve().parent.parent / "recipes"
+    if source.is_dir():
+        return source
+    return Path(str(resources.files("qronos_onnx.recipes")))
+
+
+def list_recipes() -> dict[str, str]:
+    """name -> first comment line of the recipe (its one-line description)."""
+    out = {}
+    for path in sorted(recipe_dir().glob("*.yaml")):
+        first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+        out[path.stem] = first.lstrip("# ").strip()
+    return out
+
+
+def load_recipe(name_or_path: str) -> QuantConfig:
+    """A built-in recipe by name, or a YAML file by path."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+        path = recipe_dir() / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ConfigError(
+                f"unknown recipe {name_or_path!r}; built-in recipes are: {', '.join(list_recipes())} "
+                "(or give the path of a .yaml file)"
+            )
+    if not path.is_file():
+        raise ConfigError(f"recipe file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {err}") from None
+    return QuantConfig.from_dict(data or {}, source=f"recipe {path.name}")

@@ -1,0 +1,147 @@
+"""Integer weight grids, computed once from the (transformed) weights and then frozen.
+
+Layout convention used by every solver: a weight matrix ``W`` is ``[..., rows, cols]`` where a row is one output
+neuron and a column one input feature (the Brevitas/GPTQ layout). Leading dimensions batch independent problems
+(conv groups, same-shaped targets of one wave). Groups run along the columns in their *original* order.
+
+The grid stores the scale exactly as the exported file will (its values are representable in ``scale_dtype``), so
+that ``(code - zero_point) * scale`` here and in onnxruntime's DequantizeLinear give the same bits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import WeightQuantConfig
+
+# candidate shrink factors of the MSE search (1.00, 0.99, ..., 0.21), as in IST-DASLab's reference quantizer
+_MSE_GRID = [1.0 - i / 100.0 for i in range(80)]
+
+
+@dataclass
+class IntGrid:
+    scale: torch.Tensor  # [..., rows, n_groups] float32 holding values exact in scale_dtype
+    zero_point: torch.Tensor  # [..., rows, n_groups] float32 holding integers (all 0 when symmetric)
+    qmin: int
+    qmax: int
+    group_size: int  # columns per group; equals cols for per-channel
+    cols: int
+    bits: int
+    symmetric: bool
+    scale_dtype: torch.dtype = torch.float32
+
+    @property
+    def n_groups(self) -> int:
+        return self.scale.shape[-1]
+
+    @property
+    def per_channel(self) -> bool:
+        return self.n_groups == 1
+
+    def to(self, device: torch.device | str) -> "IntGrid":
+        return _replace(self, scale=self.scale.to(device), zero_point=self.zero_point.to(device))
+
+    def group_index(self, cols: torch.Tensor | slice | int | None = None) -> torch.Tensor:
+        idx = torch.arange(self.cols, device=self.scale.device)
+        if cols is not None:
+            idx = idx[cols]
+        return torch.div(idx, self.group_size, rounding_mode="floor")
+
+    def _params(self, cols) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point broadcast against ``W[..., :, cols]``."""
+        if self.per_channel:
+            return self.scale, self.zero_point
+        if isinstance(cols, int):
+            g = cols // self.group_size
+            return self.scale[..., g : g + 1], self.zero_point[..., g : g + 1]
+        gi = self.group_index(cols)
+        return self.scale[..., gi], self.zero_point[..., gi]
+
+    def codes(self, values: torch.Tensor, cols: torch.Tensor | slice | int | None = None) -> torch.Tensor:
+        """Integer codes (as float32) of ``values`` = ``W[..., :, cols]``: round half to even, then clamp."""
+        s, z = self._params(cols)
+        return torch.clamp(torch.round(values.float() / s) + z, self.qmin, self.qmax)
+
+    def decode(self, codes: torch.Tensor, cols: torch.Tensor | slice | int | None = None) -> torch.Tensor:
+        s, z = self._params(cols)
+        return (codes.float() - z) * s
+
+    def round(self, values: torch.Tensor, cols: torch.Tensor | slice | int | None = None) -> torch.Tensor:
+        """Nearest grid value: what the solvers call Q(.)."""
+        return self.decode(self.codes(values, cols), cols)
+
+    def slice_rows(self, rows: slice) -> "IntGrid":
+        return _replace(self, scale=self.scale[..., rows, :], zero_point=self.zero_point[..., rows, :])
+
+
+def _replace(grid: IntGrid, **kw) -> IntGrid:
+    fields = dict(grid.__dict__)
+    fields.update(kw)
+    return IntGrid(**fields)
+
+
+def int_range(bits: int, symmetric: bool, narrow: bool) -> tuple[int, int]:
+    if symmetric:
+        qmax = (1 << (bits - 1)) - 1
+        return (-qmax if narrow else -qmax - 1), qmax
+    # unsigned; "narrow" unsigned 2-bit is the ternary grid {0, 1, 2}
+    return 0, (1 << bits) - (2 if narrow else 1)
+
+
+def _exact_in(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round the scale through the file's dtype so solver and file agree bit for bit."""
+    tiny = torch.finfo(dtype).tiny if dtype != torch.float16 else 6.0e-8
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    return scale.clamp_min(tiny).to(dtype).float()
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[..., rows, cols] -> [..., rows, n_groups, group_size], padding the last group by repeating a real entry."""
+    cols = w.shape[-1]
+    n_groups = -(-cols // group_size)
+    pad = n_groups * group_size - cols
+    if pad:
+        w = torch.cat([w, w[..., -1:].expand(*w.shape[:-1], pad)], dim=-1)
+    return w.reshape(*w.shape[:-1], n_groups, group_size)
+
+
+def _fit(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
+         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if symmetric:
+        amax = torch.maximum(hi.abs(), lo.abs())
+        scale = _exact_in(amax / qmax, dtype)
+        return scale, torch.zeros_like(scale)
+    scale = _exact_in((hi - lo) / (qmax - qmin), dtype)
+    zero = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return scale, zero
+
+
+def make_int_grid(w: torch.Tensor, cfg: WeightQuantConfig, scale_dtype: torch.dtype = torch.float32,
+                  force_per_channel: bool = False) -> IntGrid:
+    """Fit a frozen grid to ``w`` ([..., rows, cols]) with min-max or MSE-searched clipping."""
+    w = w.float()
+    cols = w.shape[-1]
+    group = cols if (cfg.group_size == 0 or force_per_channel or cfg.group_size >= cols) else cfg.group_size
+    qmin, qmax = int_range(cfg.bits, cfg.symmetric, cfg.narrow)
+    wg = _grouped(w, group)  # [..., rows, G, g]
+    lo = wg.amin(-1).clamp_max(0.0) * cfg.minmax_scale
+    hi = wg.amax(-1).clamp_min(0.0) * cfg.minmax_scale
+    scale, zero = _fit(wg, lo, hi, qmin, qmax, cfg.symmetric, scale_dtype)
+    if cfg.scale_method == "mse":
+        best = _group_err(wg, scale, zero, qmin, qmax)
+        for p in _MSE_GRID[1:]:
+            s_p, z_p = _fit(wg, lo * p, hi * p, qmin, qmax, cfg.symmetric, scale_dtype)
+            err = _group_err(wg, s_p, z_p, qmin, qmax)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s_p, scale)
+            zero = torch.where(better, z_p, zero)
+    return IntGrid(scale=scale, zero_point=zero, qmin=qmin, qmax=qmax, group_size=group, cols=cols,
+                   bits=cfg.bits, symmetric=cfg.symmetric, scale_dtype=scale_dtype)
+
+
+def _group_err(wg, scale, zero, qmin, qmax) -> torch.Tensor:
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    q = (torch.clamp(torch.round(wg / s) + z, qmin, qmax) - z) * s
+    return (q - wg).pow(2).sum(-1)

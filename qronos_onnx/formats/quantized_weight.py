@@ -1,0 +1,42 @@
+"""QuantizedWeight: the single source of truth between the solver, the quant stream and every export dialect."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .grid import IntGrid
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes on a frozen grid, in solver layout ``[rows, cols]`` (rows = output channels).
+
+    ``dequantize()`` is exactly what the quant stream computes with and what the exported DequantizeLinear
+    reproduces; export packs ``codes``, ``grid.scale`` and ``grid.zero_point`` and never re-derives them.
+    """
+
+    codes: torch.Tensor  # [rows, cols] int16 holding values in [grid.qmin, grid.qmax]
+    grid: IntGrid  # per-row scales and zero points, [rows, n_groups]
+    info: dict = field(default_factory=dict)  # algorithm, damping, retries, errors: for the report
+
+    def __post_init__(self) -> None:
+        if self.codes.dim() != 2:
+            raise ValueError(f"QuantizedWeight codes must be 2-D [rows, cols], got shape {tuple(self.codes.shape)}")
+        self.codes = self.codes.to(torch.int16)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def bits(self) -> int:
+        return self.grid.bits
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(codes - zero_point) * scale`` in the scale's dtype (float32, or float16 for fp16 models)."""
+        dtype = dtype or self.grid.scale_dtype
+        gi = self.grid.group_index()
+        scale = self.grid.scale[:, gi].to(dtype)
+        zero = self.grid.zero_point[:, gi].to(torch.int32)
+        return (self.codes.to(torch.int32) - zero).to(dtype) * scale

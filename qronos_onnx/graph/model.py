@@ -1,0 +1,44 @@
+"""Loading ONNX models for quantization: lazily (external data stays on disk), with errors a user can act on."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx_ir as ir
+
+from ..errors import ModelError
+
+
+def load_model(path: str | Path) -> ir.Model:
+    """Load ``path`` with onnx-ir. Initializers in external data are read only when touched."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ModelError(f"model path {str(path)!r} is not a file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"model file {str(path)!r} is empty; expected an ONNX model")
+    try:
+        model = ir.load(str(path))
+    except Exception as err:  # protobuf DecodeError, onnx errors: all mean "not a readable ONNX file"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"model file {str(path)!r} is not a readable ONNX model ({first})") from None
+    if len(model.graph) == 0:
+        raise ModelError(f"model file {str(path)!r} has an empty graph")
+    return model
+
+
+def default_opset(model: ir.Model) -> int:
+    return int(model.opset_imports.get("", model.graph.opset_imports.get("", 0)))
+
+
+def read_initializer(value: ir.Value):
+    """The numpy array of a constant value, reading external data if needed, with a clear error if it is gone."""
+    tensor = value.const_value
+    if tensor is None:
+        raise ModelError(f"tensor {value.name!r} is not a constant initializer")
+    try:
+        return tensor.numpy()
+    except FileNotFoundError as err:
+        raise ModelError(f"external data of tensor {value.name!r} is missing: {err}") from None
+    except Exception as err:
+        raise ModelError(f"cannot read tensor {value.name!r}: {err}") from None

@@ -72,7 +72,7 @@ def transformer_inputs(n: int = 4, seq: int = 8, d: int = 32, seed: int = 1, dty
 
 
 def cnn(seed: int = 0) -> onnx.ModelProto:
-    """Conv 2-D (padded), grouped strided conv, depthwise dilated SAME_UPPER conv, Flatten, Gemm transB=1, Gemm."""
+    """SAME_UPPER conv, grouped strided conv with asymmetric pads, dilated depthwise conv, Gemm transB=1, Gemm."""
     rng = np.random.default_rng(seed)
     f = np.float32
     inits = [
@@ -83,11 +83,11 @@ def cnn(seed: int = 0) -> onnx.ModelProto:
         _init("fc2_w", (rng.standard_normal((16, 10)) / 4).astype(f)), _init("fc2_b", np.zeros(10, f)),
     ]
     nodes = [
-        helper.make_node("Conv", ["img", "c1_w", "c1_b"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Conv", ["img", "c1_w", "c1_b"], ["c1"], auto_pad="SAME_UPPER", name="conv1"),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "c2_w"], ["c2"], group=2, strides=[2, 2], pads=[1, 0, 1, 0], name="conv2_grouped"),
+        helper.make_node("Conv", ["r1", "c2_w"], ["c2"], group=2, strides=[2, 2], pads=[1, 1, 0, 0], name="conv2_grouped"),
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("Conv", ["r2", "c3_w", "c3_b"], ["c3"], group=8, dilations=[2, 2], auto_pad="SAME_UPPER",
+        helper.make_node("Conv", ["r2", "c3_w", "c3_b"], ["c3"], group=8, dilations=[2, 2], pads=[2, 2, 2, 2],
                          name="conv3_depthwise"),
         helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
         helper.make_node("Flatten", ["r3"], ["flat"], axis=1, name="flatten"),

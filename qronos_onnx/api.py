@@ -1,0 +1,283 @@
+"""quantize(): the whole pipeline, one stage per line of the data flow in docs/ARCHITECTURE.md."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from . import __version__
+from .calib import load_calibration
+from .capture import CaptureEngine
+from .config import QuantConfig
+from .errors import ModelError
+from .export import export_qdq, validate_export
+from .formats import IntGrid, QuantizedWeight, make_int_grid
+from .graph.io import check_output_path, save_model
+from .graph.model import load_model
+from .graph.targets import Target, find_targets, weight_matrix
+from .rounding import reconstruction_error, round_weights
+
+
+@dataclass
+class LayerReport:
+    """What happened to one weight: the figures behind the end-of-run table and report.json."""
+
+    weight: str
+    nodes: list[str]
+    shape: list[int]
+    algorithm: str
+    rel_error: float  # ||XW - X~Q|| / ||XW|| from H, G, F
+    rtn_rel_error: float  # the same for round-to-nearest on the same grid: what the algorithm bought
+    damping: float | None
+    retries: int
+    status: str
+    seconds: float
+
+
+@dataclass
+class QuantResult:
+    output_path: Path
+    config_path: Path
+    report_path: Path
+    config: QuantConfig
+    layers: list[LayerReport] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    n_samples: int = 0
+    output_bytes: int = 0
+
+    def worst_layers(self, n: int = 10) -> list[LayerReport]:
+        return sorted(self.layers, key=lambda r: -r.rel_error)[:n]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(name)
+
+
+def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config: QuantConfig | None = None, *,
+             tokenizer: str | None = None, overwrite: bool = False, quiet: bool = False) -> QuantResult:
+    """Quantize ``model_path`` with calibration data ``calib`` and write the QDQ model to ``output_path``.
+
+    ``calib`` is a directory of .npz files, one .npz, a text file (with ``tokenizer``), a list of feed dicts or an
+    onnxruntime ``CalibrationDataReader``. The input model is never modified; the output is written atomically, with
+    the resolved config (``.config.yaml``) and the per-layer report (``.report.json``) beside it.
+    """
+    cfg = (config or QuantConfig()).validate()
+    t_start = time.perf_counter()
+    out = check_output_path(model_path, output_path, overwrite)
+    model = load_model(model_path)
+    targets = find_targets(model, cfg.exclude)
+    if not targets:
+        raise ModelError(
+            f"model {str(model_path)!r} has no quantizable node (MatMul/Gemm/Conv with a constant float weight)"
+            + (" left after --exclude" if cfg.exclude else "")
+        )
+    samples = load_calibration(calib, model, samples=cfg.capture.samples, seed=cfg.seed,
+                               seq_len=cfg.capture.seq_len, tokenizer=tokenizer)
+    device = resolve_device(cfg.device)
+    stats_dtype = torch.float64 if cfg.rounding.stats_dtype == "float64" else torch.float32
+
+    quantized: dict[str, QuantizedWeight] = {}
+    reports: list[LayerReport] = []
+    t_round = 0.0
+    t_capture0 = time.perf_counter()
+    with CaptureEngine(model, targets, samples, cfg.capture, device=device, stats_dtype=stats_dtype,
+                       quiet=quiet) as engine:
+        for wave_targets, stats in engine.waves():
+            t0 = time.perf_counter()
+            new = _round_wave(model, wave_targets, stats, cfg, device, quantized, reports)
+            t_round += time.perf_counter() - t0
+            engine.set_weights(new)
+    t_capture = time.perf_counter() - t_capture0 - t_round
+
+    t0 = time.perf_counter()
+    metadata = {
+        "quant.tool": f"qronos-onnx {__version__}",
+        "quant.algorithm": cfg.rounding.algorithm,
+        "quant.format": cfg.weights.format,
+        "quant.bits": str(cfg.weights.bits),
+        "quant.group_size": str(cfg.weights.group_size),
+        "quant.symmetric": str(cfg.weights.symmetric).lower(),
+        "quant.reference": cfg.capture.reference,
+        "quant.calibration_samples": str(len(samples)),
+    }
+    export_qdq(model, quantized, targets, metadata=metadata)
+    save_model(model, out, overwrite=overwrite)
+    validate_export(out, quantized, targets)
+    t_export = time.perf_counter() - t0
+
+    result = QuantResult(
+        output_path=out,
+        config_path=out.with_name(out.name + ".config.yaml"),
+        report_path=out.with_name(out.name + ".report.json"),
+        config=cfg,
+        layers=reports,
+        timings={"capture": t_capture, "rounding": t_round, "export": t_export,
+                 "total": time.perf_counter() - t_start},
+        n_samples=len(samples),
+        output_bytes=_file_bytes(out),
+    )
+    _write_text(result.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    _write_text(result.report_path, json.dumps(_report_dict(result, model_path), indent=2))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ rounding a wave
+
+@dataclass
+class _Unit:
+    """Weights solved together: targets sharing one input share H and G, so their rows stack into one problem."""
+
+    names: list[str]
+    targets: list[Target]
+    W: torch.Tensor  # [groups, rows, cols]
+    grid: IntGrid
+    stats: Any
+    row_splits: list[int]
+
+
+def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig, device: torch.device,
+                quantized: dict[str, QuantizedWeight], reports: list[LayerReport]) -> dict[str, np.ndarray]:
+    by_weight: dict[str, list[Target]] = {}
+    for t in wave_targets:
+        by_weight.setdefault(t.weight_name, []).append(t)
+    new: dict[str, np.ndarray] = {}
+    todo: list[_Unit] = []
+    for name, ts in by_weight.items():
+        if name in quantized:  # a shared weight rounded in an earlier wave: consumers reuse it
+            new[name] = _onnx_weight(ts[0], quantized[name])
+            continue
+        if name not in stats:
+            continue
+        t = ts[0]
+        W = weight_matrix(model, t)
+        scale_dtype = torch.float16 if t.weight_dtype == np.float16 else torch.float32
+        grid = make_int_grid(W, cfg.weights, scale_dtype, force_per_channel=(t.op_type == "Conv"))
+        todo.append(_Unit([name], ts, W, grid, stats[name], [W.shape[1]]))
+
+    for batch in _batches(_merge_shared_inputs(todo)):
+        W = torch.cat([u.W for u in batch])  # [B, rows, cols]
+        grid = _cat_grids([u.grid for u in batch])
+        H = torch.cat([u.stats.H for u in batch]).to(device)
+        G = torch.cat([u.stats.G for u in batch]).to(device)
+        F = torch.cat([u.stats.F for u in batch]).to(device)
+        t0 = time.perf_counter()
+        res = round_weights(W.to(device), grid.to(device), H, G, cfg.rounding, act_quant=cfg.activations.enabled,
+                            seed=cfg.seed, device=device)
+        seconds = (time.perf_counter() - t0) / len(batch)
+        grid_d = grid.to(device)
+        Q = grid_d.decode(res.codes.to(device).float())
+        Wd = W.to(device).float()
+        err = reconstruction_error(Wd, Q, H, G, F).cpu()
+        rtn_err = reconstruction_error(Wd, grid_d.round(Wd), H, G, F).cpu()
+        codes = res.codes.cpu()
+        b0 = 0
+        for u in batch:
+            g = u.W.shape[0]
+            sl = slice(b0, b0 + g)
+            info = res.info[b0]
+            # per-unit error: combine conv groups by their share of ||XW||^2 (equal weight is close enough here)
+            e, e_rtn = float(err[sl].mean()), float(rtn_err[sl].mean())
+            r0 = 0
+            for name, rows in zip(u.names, u.row_splits):
+                ucodes = codes[sl, r0 : r0 + rows]  # [groups, rows, cols]
+                ugrid = grid.slice_rows(slice(r0, r0 + rows))
+                qw = QuantizedWeight(
+                    codes=ucodes.reshape(-1, ucodes.shape[-1]),
+                    grid=_flat_grid(IntGrid(**{**ugrid.__dict__, "scale": ugrid.scale[sl],
+                                                "zero_point": ugrid.zero_point[sl]})),
+                    info={**info, "rel_error": e, "rtn_rel_error": e_rtn},
+                )
+                quantized[name] = qw
+                ts = [t for t in u.targets if t.weight_name == name]
+                new[name] = _onnx_weight(ts[0], qw)
+                reports.append(LayerReport(
+                    weight=name, nodes=[t.name for t in ts], shape=list(ts[0].weight_shape),
+                    algorithm=cfg.rounding.algorithm, rel_error=e, rtn_rel_error=e_rtn,
+                    damping=info.get("damping"), retries=int(info.get("retries", 0)),
+                    status=str(info.get("status", "ok")), seconds=seconds,
+                ))
+                r0 += rows
+            b0 += g
+    return new
+
+
+def _merge_shared_inputs(units: list[_Unit]) -> list[_Unit]:
+    """q/k/v (and gate/up) read one input: stack their rows into one problem over the shared H and G."""
+    merged: dict[int, _Unit] = {}
+    out: list[_Unit] = []
+    for u in units:
+        key = id(u.stats)
+        m = merged.get(key)
+        if m is not None and m.W.shape[0] == 1 and u.W.shape[0] == 1 and m.W.shape[2] == u.W.shape[2] \
+                and m.grid.n_groups == u.grid.n_groups and m.grid.scale_dtype == u.grid.scale_dtype:
+            m.W = torch.cat([m.W, u.W], dim=1)
+            m.grid = _cat_grids([m.grid, u.grid], dim=-2)
+            m.names += u.names
+            m.targets += u.targets
+            m.row_splits += u.row_splits
+        else:
+            merged[key] = u
+            out.append(u)
+    return out
+
+
+def _batches(units: list[_Unit]) -> list[list[_Unit]]:
+    """Units with the same matrix shape and grid are solved in one batched call."""
+    groups: dict[tuple, list[_Unit]] = {}
+    for u in units:
+        key = (tuple(u.W.shape[1:]), u.grid.n_groups, u.grid.scale_dtype)
+        groups.setdefault(key, []).append(u)
+    return list(groups.values())
+
+
+def _cat_grids(grids: list[IntGrid], dim: int = 0) -> IntGrid:
+    g0 = grids[0]
+    return IntGrid(**{**g0.__dict__, "scale": torch.cat([g.scale for g in grids], dim=dim),
+                      "zero_point": torch.cat([g.zero_point for g in grids], dim=dim)})
+
+
+def _flat_grid(grid: IntGrid) -> IntGrid:
+    """[groups, rows, n_groups] -> [groups*rows, n_groups]: the layout QuantizedWeight keeps."""
+    return IntGrid(**{**grid.__dict__, "scale": grid.scale.reshape(-1, grid.scale.shape[-1]).cpu(),
+                      "zero_point": grid.zero_point.reshape(-1, grid.zero_point.shape[-1]).cpu()})
+
+
+def _onnx_weight(target: Target, qw: QuantizedWeight) -> np.ndarray:
+    """What the quant stream computes with: the dequantized weight in the ONNX layout and dtype."""
+    return target.from_matrix(qw.dequantize()).contiguous().numpy().astype(target.weight_dtype, copy=False)
+
+
+# ------------------------------------------------------------------------------------------------ output files
+
+def _file_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _report_dict(result: QuantResult, model_path) -> dict:
+    return {
+        "tool": f"qronos-onnx {__version__}",
+        "model": str(model_path),
+        "output": str(result.output_path),
+        "output_bytes": result.output_bytes,
+        "calibration_samples": result.n_samples,
+        "timings_seconds": result.timings,
+        "config": result.config.to_dict(),
+        "layers": [asdict(r) for r in result.layers],
+    }

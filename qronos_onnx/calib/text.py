@@ -1,0 +1,203 @@
+"""Text calibration: read a .txt/.jsonl file, tokenize it once with a local tokenizer, cut windows of seq_len tokens.
+
+Window rule (the Brevitas LLM example's sampler, so results compare with ``docs/anchors.md``):
+- ``samples`` given: ``random.seed(seed)`` then ``random.randint(0, n_tokens - seq_len - 1)`` drawn ``samples`` times,
+  each draw the start of one window (windows may overlap or repeat). A private ``random.Random(seed)`` is used, which
+  draws exactly what the seeded module-level ``random`` would, without touching the global generator.
+- ``samples`` is None: consecutive non-overlapping windows from token 0; a tail shorter than seq_len is dropped.
+The whole text is tokenized in one call, without special tokens (no BOS), as the anchors protocol does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import CalibrationError
+from .specs import InputSpec, check_sample
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+# Inputs the text path can build by itself (input_ids comes from the tokens). token_type_ids (BERT-style encoders) is
+# zeros: one segment per window.
+_DERIVED = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+
+
+def window_starts(n_tokens: int, seq_len: int, samples: int | None, seed: int = 0) -> list[int]:
+    """Start offsets of the windows (see the module docstring for the rule)."""
+    if samples is None:
+        return list(range(0, n_tokens - seq_len + 1, seq_len))
+    rng = random.Random(seed)
+    return [rng.randint(0, n_tokens - seq_len - 1) for _ in range(samples)]
+
+
+def read_text(path: Path) -> str:
+    """The whole text of a .txt file, or the texts of a .jsonl file (one JSON object with a "text" key, or one JSON
+    string, per line; blank lines skipped) joined with "\\n\\n", as the anchors protocol joins extracts."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CalibrationError(f"text file {str(path)!r} is not UTF-8 text ({err.reason} at byte "
+                               f"{err.start})") from None
+    except OSError as err:
+        raise CalibrationError(f"cannot read text file {str(path)!r}: {err.strerror or err}") from None
+    if path.suffix.lower() == ".txt":
+        text = raw
+    else:
+        texts = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CalibrationError(f"{str(path)!r} line {lineno}: not valid JSON ({err.msg}); expected one JSON "
+                                       f"object with a \"text\" key or one JSON string per line") from None
+            if isinstance(item, dict):
+                if not isinstance(item.get("text"), str):
+                    raise CalibrationError(f"{str(path)!r} line {lineno}: expected a \"text\" key holding a string, "
+                                           f"found keys {sorted(item)}")
+                item = item["text"]
+            elif not isinstance(item, str):
+                raise CalibrationError(f"{str(path)!r} line {lineno}: is a JSON {type(item).__name__}, expected an "
+                                       f"object with a \"text\" key or a string")
+            texts.append(item)
+        text = "\n\n".join(texts)
+    if not text.strip():
+        raise CalibrationError(f"text file {str(path)!r} holds no text")
+    return text
+
+
+@dataclass
+class Encoder:
+    """A loaded tokenizer reduced to what calibration needs: text -> token ids."""
+
+    name: str
+    encode: Callable[[str], list[int]]
+
+
+def load_tokenizer(spec: str | os.PathLike) -> Encoder:
+    """A local HF tokenizer directory (AutoTokenizer, no downloads) or a ``tokenizer.json`` file (tokenizers)."""
+    path = Path(spec)
+    if not path.exists():
+        raise CalibrationError(f"tokenizer {str(spec)!r} does not exist; expected a local tokenizer directory or a "
+                               f"tokenizer.json file (downloads are off)")
+    if path.is_file():
+        return _tokenizers_file(path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:
+        if (path / "tokenizer.json").is_file():
+            return _tokenizers_file(path / "tokenizer.json")
+        raise CalibrationError(f"cannot load a tokenizer from directory {str(path)!r} ({_first_line(err)}); expected "
+                               f"a Hugging Face tokenizer directory or a tokenizer.json file") from None
+
+    def encode(text: str) -> list[int]:
+        return list(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    return Encoder(str(path), encode)
+
+
+def _tokenizers_file(path: Path) -> Encoder:
+    try:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(path))
+    except Exception as err:
+        raise CalibrationError(f"cannot load tokenizer file {str(path)!r} ({_first_line(err)}); expected a "
+                               f"tokenizers tokenizer.json") from None
+    return Encoder(str(path), lambda text: tok.encode(text, add_special_tokens=False).ids)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_text_model(specs: Sequence[InputSpec], seq_len: int) -> InputSpec:
+    """Before any tokenizing: the model takes input_ids [batch (1), seq (seq_len)] and nothing text cannot build."""
+    names = [s.name for s in specs]
+    by_name = {s.name: s for s in specs}
+    if "input_ids" not in by_name:
+        raise CalibrationError(f"text calibration needs a graph input named 'input_ids'; the model's inputs are "
+                               f"{', '.join(map(repr, names))} (give a directory of .npz samples instead)")
+    other = [n for n in names if n not in _DERIVED]
+    if other:
+        raise CalibrationError(f"text calibration cannot build graph input(s) {', '.join(map(repr, other))} (it builds "
+                               f"input_ids, attention_mask, position_ids, token_type_ids); give .npz samples instead")
+    for spec in by_name.values():
+        if spec.shape is None:
+            continue
+        if len(spec.shape) != 2:
+            raise CalibrationError(f"text calibration builds {spec.name!r} as [1, seq_len], but the graph input is "
+                                   f"{spec.describe()}")
+        batch, seq = spec.shape
+        if isinstance(batch, int) and batch != 1:
+            raise CalibrationError(f"text calibration feeds one window per sample, but graph input {spec.name!r} has "
+                                   f"a fixed batch of {batch} ({spec.describe()})")
+        if isinstance(seq, int) and seq != seq_len:
+            raise CalibrationError(f"graph input {spec.name!r} has a fixed sequence length {seq} ({spec.describe()}), "
+                                   f"but seq_len is {seq_len}; set seq_len to {seq}")
+    return by_name["input_ids"]
+
+
+def embedding_rows(model: ir.Model) -> tuple[str, int] | None:
+    """(name, rows) of a constant embedding table that a Gather reads with input_ids, if there is one."""
+    ids = next((v for v in model.graph.inputs if v.name == "input_ids"), None)
+    if ids is None:
+        return None
+    for node, index in ids.uses():
+        if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 1:
+            table = node.inputs[0]
+            if table is not None and table.const_value is not None and len(table.const_value.shape) >= 1:
+                return table.name, int(table.const_value.shape[0])
+    return None
+
+
+def text_samples(path: Path, model: ir.Model, specs: Sequence[InputSpec], tokenizer: str | os.PathLike | None,
+                 samples: int | None, seed: int, seq_len: int) -> tuple[list[dict[str, np.ndarray]], str, int]:
+    """Feeds for a text file: (samples, description, tokens in the stream)."""
+    if tokenizer is None:
+        raise CalibrationError(f"text calibration file {str(path)!r} needs a tokenizer (a local Hugging Face tokenizer "
+                               f"directory or a tokenizer.json file)")
+    check_text_model(specs, seq_len)
+    encoder = load_tokenizer(tokenizer)
+    text = read_text(path)
+    ids = np.asarray(encoder.encode(text), dtype=np.int64)
+    n = int(ids.size)
+    need = seq_len if samples is None else seq_len + 1
+    if n < need:
+        raise CalibrationError(f"text file {str(path)!r} gives {n} tokens with tokenizer {encoder.name!r}; one window "
+                               f"of seq_len={seq_len} needs at least {need}")
+    rows = embedding_rows(model)
+    if rows is not None and int(ids.max()) >= rows[1]:
+        raise CalibrationError(f"tokenizer {encoder.name!r} produces token id {int(ids.max())}, but the model's "
+                               f"embedding {rows[0]!r} has only {rows[1]} rows: is it the model's tokenizer?")
+    by_name = {s.name: s for s in specs}
+    starts = window_starts(n, seq_len, samples, seed)
+    feeds = []
+    for i, start in enumerate(starts):
+        feed = {}
+        for name, spec in by_name.items():
+            if name == "input_ids":
+                arr = ids[start:start + seq_len]
+            elif name == "attention_mask":
+                arr = np.ones(seq_len)
+            elif name == "position_ids":
+                arr = np.arange(seq_len)
+            else:  # token_type_ids
+                arr = np.zeros(seq_len)
+            feed[name] = arr.astype(spec.dtype)[None, :]
+        feeds.append(check_sample(feed, specs, f"text file {str(path)!r} window {i} (start {start})"))
+    rule = (f"{len(starts)} random windows (seed {seed})" if samples is not None
+            else f"{len(starts)} consecutive windows")
+    desc = f"text {str(path)!r}, {n} tokens with tokenizer {encoder.name!r}, {rule} of {seq_len} tokens"
+    return feeds, desc, n

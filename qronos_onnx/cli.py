@@ -1,0 +1,169 @@
+"""Command line: ``qronos-onnx quantize | inspect | recipes``. Errors print one line and exit non-zero."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import ALGORITHMS, REFERENCE_MODES, SCALE_METHODS, QuantConfig, list_recipes, load_recipe, parse_bytes
+from .errors import ConfigError, QronosError
+
+PRESETS = {"w8": "w8", "w4": "w4", "w3": "w3", "w2": "w2"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        self.exit(2, f"qronos-onnx: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qronos-onnx", description="Post-training quantization of ONNX models (Qronos, GPTQ, GPFQ, RTN).")
+    p.add_argument("--version", action="version", version=f"qronos-onnx {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    q = sub.add_parser("quantize", help="quantize a model's weights with calibration data")
+    q.add_argument("model", help="input ONNX model (never modified)")
+    q.add_argument("--calib", required=True, help="calibration data: .npz directory or file, or .txt/.jsonl text")
+    q.add_argument("-o", "--output", required=True, help="output ONNX path (written atomically)")
+    q.add_argument("--recipe", help="built-in recipe name (see `qronos-onnx recipes`) or a YAML file")
+    preset = q.add_mutually_exclusive_group()
+    for name in PRESETS:
+        preset.add_argument(f"--{name}", dest="preset", action="store_const", const=name,
+                            help=f"preset: recipe '{PRESETS[name]}'")
+    q.add_argument("--algo", choices=ALGORITHMS, help="rounding algorithm (default qronos)")
+    q.add_argument("--bits", type=int, help="weight bits, 2..8")
+    q.add_argument("--group-size", type=int, help="weights per scale along the input dim; 0 = per output channel")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric weight grid")
+    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="asymmetric weight grid")
+    q.add_argument("--scale-method", choices=SCALE_METHODS, help="min-max or MSE-searched weight scales")
+    q.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
+                   help="regular expression on node names to leave in float (repeatable)")
+    q.add_argument("--samples", type=int, help="use at most this many calibration samples")
+    q.add_argument("--seq-len", type=int, help="window length in tokens for text calibration data")
+    q.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json for text calibration data")
+    q.add_argument("--seed", type=int, help="seed for sampling windows and the solver's power iteration")
+    q.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the rounding math runs")
+    q.add_argument("--reference", choices=REFERENCE_MODES,
+                   help="X from the float model ('float', default) or the float segment on quantized inputs ('local')")
+    q.add_argument("--max-memory", help="RAM for captured activations before spilling to disk, e.g. 4GB")
+    q.add_argument("--damping", type=float, help="override the algorithm's damping (GPTQ: relative to mean diag; "
+                                                  "Qronos: alpha times sigma_max)")
+    q.add_argument("--no-act-order", dest="act_order", action="store_false", default=None,
+                   help="process columns in their natural order instead of by decreasing diag(H)")
+    q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    q.add_argument("--quiet", action="store_true", help="no progress bars or table")
+
+    i = sub.add_parser("inspect", help="list a model's opset, inputs and quantizable nodes")
+    i.add_argument("model")
+    i.add_argument("--exclude", action="append", default=None, metavar="PATTERN")
+
+    sub.add_parser("recipes", help="list the built-in recipes")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> QuantConfig:
+    """Recipe (or preset), then each flag that was given on top of it."""
+    if args.recipe and args.preset:
+        raise ConfigError(f"give either --recipe or --{args.preset}, not both")
+    base = load_recipe(args.recipe or PRESETS.get(args.preset or "", "w4"))
+    updates = {
+        "rounding.algorithm": args.algo,
+        "weights.bits": args.bits,
+        "weights.group_size": args.group_size,
+        "weights.symmetric": args.symmetric,
+        "weights.scale_method": args.scale_method,
+        "capture.samples": args.samples,
+        "capture.seq_len": args.seq_len,
+        "capture.reference": args.reference,
+        "capture.max_memory": parse_bytes(args.max_memory, "--max-memory") if args.max_memory else None,
+        "rounding.damping": args.damping,
+        "rounding.act_order": args.act_order,
+        "seed": args.seed,
+        "device": args.device,
+    }
+    cfg = base.override({k: v for k, v in updates.items() if v is not None})
+    if args.exclude:
+        cfg = cfg.override({"exclude": list(cfg.exclude) + args.exclude})
+    return cfg
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .api import quantize
+
+    cfg = config_from_args(args)
+    result = quantize(args.model, args.calib, args.output, cfg, tokenizer=args.tokenizer, overwrite=args.overwrite,
+                      quiet=args.quiet)
+    if not args.quiet:
+        print(format_summary(result))
+    return 0
+
+
+def format_summary(result) -> str:
+    cfg = result.config
+    lines = [
+        f"wrote {result.output_path} ({result.output_bytes / 1e6:.1f} MB), {len(result.layers)} weights, "
+        f"{cfg.rounding.algorithm} W{cfg.weights.bits}"
+        f"{' g' + str(cfg.weights.group_size) if cfg.weights.group_size else ' per-channel'}"
+        f" {'sym' if cfg.weights.symmetric else 'asym'}, {result.n_samples} calibration samples",
+        "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()),
+        f"config: {result.config_path}   report: {result.report_path}",
+        "",
+        "worst layers (relative output error ||XW - X~Q|| / ||XW||):",
+        f"{'weight':<48} {'shape':>12} {cfg.rounding.algorithm:>9} {'rtn':>9}  status",
+    ]
+    for r in result.worst_layers(10):
+        shape = "x".join(map(str, r.shape))
+        lines.append(f"{r.weight[-48:]:<48} {shape:>12} {r.rel_error:9.4f} {r.rtn_rel_error:9.4f}  {r.status}"
+                     + (f" ({r.retries} retries)" if r.retries else ""))
+    return "\n".join(lines)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .calib import graph_input_specs
+    from .graph.model import default_opset, load_model
+    from .graph.targets import find_targets
+
+    model = load_model(args.model)
+    targets = find_targets(model, args.exclude or [])
+    print(f"model: {args.model}")
+    print(f"opset: {default_opset(model)}   ir_version: {model.ir_version}   nodes: {len(model.graph)}")
+    print("inputs:")
+    for spec in graph_input_specs(model):
+        print(f"  {spec.name}: {spec.describe()}")
+    print(f"quantizable nodes: {len(targets)}")
+    print(f"  {'node':<48} {'op':<7} {'weight shape':<16} layout")
+    for t in targets:
+        if t.op_type == "Conv":
+            c = t.conv
+            layout = f"[OC, IC/g, k] group={c.group} kernel={list(c.kernel_shape)} stride={list(c.strides)}"
+        elif t.op_type == "Gemm":
+            layout = "[N, K] (transB=1)" if t.trans_b else "[K, N] (transB=0)"
+        else:
+            layout = "[K, N]"
+        shared = f" shared with {', '.join(t.shared_with)}" if t.shared_with else ""
+        print(f"  {t.name[-48:]:<48} {t.op_type:<7} {str(list(t.weight_shape)):<16} {layout}{shared}")
+    return 0
+
+
+def _recipes(_args: argparse.Namespace) -> int:
+    for name, desc in list_recipes().items():
+        print(f"{name:<16} {desc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"quantize": _quantize, "inspect": _inspect, "recipes": _recipes}[args.command](args)
+    except QronosError as err:
+        print(f"qronos-onnx: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("qronos-onnx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Self-validation of a written QDQ file: what onnx.checker misses, the checker itself, an ORT load, and a golden
+bit-exact comparison of every DequantizeLinear with ``QuantizedWeight.dequantize()``.
+
+The golden check runs the file's own DQ nodes and initializers (not our in-memory copy), so it proves what a runtime
+will compute from the bytes on disk.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx import helper
+
+from ..errors import ExportError
+from ..formats import QuantizedWeight
+from ..graph.io import data_path_for
+from ..graph.targets import Target
+
+GOLDEN_CHUNK_BYTES = 256 * 2**20  # DQ outputs computed per golden sub-model
+
+# element type -> (min opset of DequantizeLinear accepting it, min IR version that defines it)
+_DQ_INPUT_TYPES: dict[ir.DataType, tuple[int, int]] = {
+    ir.DataType.INT8: (10, 3), ir.DataType.UINT8: (10, 3), ir.DataType.INT32: (10, 3),
+    ir.DataType.FLOAT8E4M3FN: (19, 9), ir.DataType.FLOAT8E4M3FNUZ: (19, 9),
+    ir.DataType.FLOAT8E5M2: (19, 9), ir.DataType.FLOAT8E5M2FNUZ: (19, 9),
+    ir.DataType.INT16: (21, 3), ir.DataType.UINT16: (21, 3),
+    ir.DataType.INT4: (21, 10), ir.DataType.UINT4: (21, 10),
+    ir.DataType.FLOAT4E2M1: (23, 11),
+    ir.DataType.INT2: (25, 13), ir.DataType.UINT2: (25, 13),
+}
+_SCALE_TYPES: dict[ir.DataType, tuple[int, int]] = {
+    ir.DataType.FLOAT: (10, 3), ir.DataType.FLOAT16: (19, 3), ir.DataType.BFLOAT16: (19, 3),
+    ir.DataType.FLOAT8E8M0: (24, 12),
+}
+# the IR version that introduced each element type (for any initializer in the file)
+_TYPE_IR = {
+    ir.DataType.FLOAT8E4M3FN: 9, ir.DataType.FLOAT8E4M3FNUZ: 9, ir.DataType.FLOAT8E5M2: 9,
+    ir.DataType.FLOAT8E5M2FNUZ: 9, ir.DataType.INT4: 10, ir.DataType.UINT4: 10, ir.DataType.FLOAT4E2M1: 11,
+    ir.DataType.FLOAT8E8M0: 12, ir.DataType.INT2: 13, ir.DataType.UINT2: 13,
+}
+
+
+@dataclass
+class ValidationReport:
+    """What was checked on the written file; every check passed or validate_export would have raised."""
+
+    path: Path
+    opset: int
+    ir_version: int
+    n_dequantize: int  # DequantizeLinear nodes in the main graph (all spec-checked)
+    n_weights: int  # quantized weights whose every consumer was golden-checked
+    n_golden: int  # DQ nodes compared bit-exactly with the solver's values
+    golden_engines: dict[str, int] = field(default_factory=dict)  # onnxruntime / onnx.reference -> DQ count
+    file_bytes: int = 0  # .onnx plus .data
+    seconds: float = 0.0
+
+
+def _fail(msg: str) -> None:
+    raise ExportError(msg)
+
+
+def _attr_int(node: ir.Node, name: str, default: int) -> int:
+    a = node.attributes.get(name)
+    return int(a.as_int()) if a is not None else default
+
+
+def _const(value: ir.Value | None, node: ir.Node, role: str) -> ir.TensorProtocol:
+    if value is None or value.const_value is None:
+        _fail(f"DequantizeLinear {node.name!r}: its {role} {getattr(value, 'name', None)!r} is not a constant "
+              f"initializer")
+    return value.const_value
+
+
+def check_dq_node(node: ir.Node, opset: int, ir_version: int) -> None:
+    """Spec checks that onnx.checker does not make (onnx_encodings.md §1): shapes vs axis/block_size, types."""
+    x = _const(node.inputs[0], node, "input")
+    s = _const(node.inputs[1] if len(node.inputs) > 1 else None, node, "scale")
+    zv = node.inputs[2] if len(node.inputs) > 2 else None
+    z = _const(zv, node, "zero point") if zv is not None else None
+    name = f"DequantizeLinear {node.name!r} (input {node.inputs[0].name!r})"
+    need = _DQ_INPUT_TYPES.get(x.dtype)
+    if need is None:
+        _fail(f"{name}: input type {x.dtype.name} is not a DequantizeLinear input type")
+    if opset < need[0] or ir_version < need[1]:
+        _fail(f"{name}: {x.dtype.name} needs opset >= {need[0]} and IR >= {need[1]}, file has opset {opset}, "
+              f"IR {ir_version}")
+    sneed = _SCALE_TYPES.get(s.dtype)
+    if sneed is None or opset < sneed[0] or ir_version < sneed[1]:
+        _fail(f"{name}: scale type {s.dtype.name} is not allowed at opset {opset} / IR {ir_version}")
+    if s.dtype == ir.DataType.BFLOAT16:
+        _fail(f"{name}: bfloat16 scales have no onnxruntime DequantizeLinear kernel; use float32 or float16")
+    if z is not None and z.dtype != x.dtype:
+        _fail(f"{name}: zero point type {z.dtype.name} differs from the input type {x.dtype.name}")
+    xs, ss = tuple(x.shape.numpy()), tuple(s.shape.numpy())
+    rank = len(xs)
+    axis = _attr_int(node, "axis", 1)
+    block = _attr_int(node, "block_size", 0)
+    if block and opset < 21:
+        _fail(f"{name}: block_size needs opset >= 21, file has opset {opset}")
+    if block < 0:
+        _fail(f"{name}: block_size {block} is negative")
+    if len(ss) > 0 or block:
+        if not -rank <= axis < rank:
+            _fail(f"{name}: axis {axis} is out of range for an input of rank {rank}")
+        axis %= rank
+    if block:
+        if len(ss) != rank:
+            _fail(f"{name}: blocked scale must have the input's rank {rank}, got shape {ss}")
+        for i, (d, sd) in enumerate(zip(xs, ss)):
+            if i != axis and d != sd:
+                _fail(f"{name}: blocked scale shape {ss} differs from input shape {xs} outside axis {axis}")
+        d, n = xs[axis], ss[axis]
+        lo = math.ceil(d / n) if n > 0 else 0
+        hi = math.ceil(d / (n - 1)) - 1 if n > 1 else None  # one block: any block_size >= d
+        if n < 1 or block < lo or (hi is not None and block > hi):
+            _fail(f"{name}: block_size {block} is outside the valid range [{lo}, {hi if hi is not None else 'inf'}] "
+                  f"for {n} scale blocks over dimension {d}")
+    elif len(ss) == 1:
+        if ss[0] != xs[axis]:
+            _fail(f"{name}: per-axis scale has length {ss[0]}, input dimension {axis} is {xs[axis]}")
+    elif len(ss) != 0:
+        _fail(f"{name}: scale of shape {ss} needs block_size (blocked quantization)")
+    if z is not None and tuple(z.shape.numpy()) != ss:
+        _fail(f"{name}: zero point shape {tuple(z.shape.numpy())} differs from the scale shape {ss}")
+
+
+def _spec_checks(model: ir.Model) -> list[ir.Node]:
+    opset = int(model.opset_imports.get("", 1))
+    irv = int(model.ir_version)
+    for g in model.graphs():
+        for v in g.initializers.values():
+            t = v.const_value
+            if t is not None and _TYPE_IR.get(t.dtype, 0) > irv:
+                _fail(f"initializer {v.name!r} has type {t.dtype.name}, which needs IR >= {_TYPE_IR[t.dtype]}; "
+                      f"file has IR {irv}")
+    dqs = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")]
+    for n in dqs:
+        check_dq_node(n, opset, irv)
+    return dqs
+
+
+def _expected(t: Target, qw: QuantizedWeight, consumer: ir.Node) -> np.ndarray:
+    """The solver's dequantized weight in the layout the file's consumer reads."""
+    cpu = QuantizedWeight(qw.codes.detach().cpu(), qw.grid.to("cpu"))
+    w = t.from_matrix(cpu.dequantize()).contiguous()
+    if t.op_type == "Gemm" and t.trans_b and _attr_int(consumer, "transB", 0) == 0:
+        w = w.t().contiguous()
+    return w.numpy()
+
+
+def _golden_model(dqs: list[ir.Node], opset: int, ir_version: int) -> onnx.ModelProto:
+    """A model whose outputs are the given DQ nodes' outputs, with their initializers read into memory."""
+    inits: dict[str, onnx.TensorProto] = {}
+    nodes, outputs = [], []
+    for dq in dqs:
+        for v in dq.inputs:
+            if v is not None and v.name not in inits:
+                t = v.const_value
+                inits[v.name] = ir.serde.serialize_tensor(ir.Tensor(np.asarray(t.numpy()), dtype=t.dtype,
+                                                                    name=v.name))
+        nodes.append(ir.serde.serialize_node(dq))
+        out_type = _attr_int(dq, "output_dtype", 0) or int(dq.inputs[1].const_value.dtype)
+        outputs.append(helper.make_tensor_value_info(dq.outputs[0].name, out_type, None))
+    graph = helper.make_graph(nodes, "qronos_golden", [], outputs, list(inits.values()))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+
+
+def _run_golden(proto: onnx.ModelProto) -> tuple[list[np.ndarray], str]:
+    names = [o.name for o in proto.graph.output]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return sess.run(names, {}), "onnxruntime"
+    except Exception:  # e.g. NOT_IMPLEMENTED for element types ORT's CPU DQ lacks: fall back to the reference
+        from onnx.reference import ReferenceEvaluator
+
+        try:
+            return list(ReferenceEvaluator(proto).run(names, {})), "onnx.reference"
+        except Exception as err:
+            _fail(f"DequantizeLinear nodes {', '.join(names[:3])}... cannot be evaluated by onnxruntime or "
+                  f"onnx.reference: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}")
+
+
+def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: list[Target],
+            report: ValidationReport) -> None:
+    nodes = {n.name: n for n in model.graph if n.name}
+    checks: list[tuple[ir.Node, np.ndarray, str, str]] = []  # dq, expected, weight, consumer
+    by_weight: dict[str, list[Target]] = {}
+    for t in targets:
+        if t.weight_name in quantized:
+            by_weight.setdefault(t.weight_name, []).append(t)
+    for w, qw in quantized.items():
+        ts = by_weight.get(w)
+        if not ts:
+            _fail(f"quantized weight {w!r} has no target node to validate against")
+        for t in ts:
+            node = nodes.get(t.name)
+            if node is None:
+                _fail(f"node {t.name!r} (consumer of weight {w!r}) is missing from the written file")
+            inp = node.inputs[1] if len(node.inputs) > 1 else None
+            dq = inp.producer() if inp is not None else None
+            if dq is None or dq.op_type != "DequantizeLinear":
+                _fail(f"weight {w!r} of node {t.name!r} is not read through a DequantizeLinear in the written file")
+            checks.append((dq, _expected(t, qw, node), w, t.name))
+    opset, irv = int(model.opset_imports.get("", 1)), int(model.ir_version)
+    seen: set[int] = set()
+    chunk: list[tuple[ir.Node, np.ndarray, str, str]] = []
+    size = 0
+    todo = []
+    for item in checks:
+        if id(item[0]) in seen:
+            continue
+        seen.add(id(item[0]))
+        chunk.append(item)
+        size += item[1].nbytes
+        if size >= GOLDEN_CHUNK_BYTES:
+            todo.append(chunk)
+            chunk, size = [], 0
+    if chunk:
+        todo.append(chunk)
+    for chunk in todo:
+        outs, engine = _run_golden(_golden_model([c[0] for c in chunk], opset, irv))
+        for (dq, exp, w, consumer), got in zip(chunk, outs):
+            got = np.asarray(got)
+            if got.dtype != exp.dtype or got.shape != exp.shape:
+                _fail(f"DequantizeLinear {dq.name!r} for weight {w!r} (node {consumer!r}) gives "
+                      f"{got.dtype}{list(got.shape)}, expected {exp.dtype}{list(exp.shape)}")
+            if got.tobytes() != np.ascontiguousarray(exp).tobytes():
+                bad = got.view(f"u{got.itemsize}") != np.ascontiguousarray(exp).view(f"u{exp.itemsize}")
+                diff = float(np.max(np.abs(got.astype(np.float64) - exp.astype(np.float64))))
+                _fail(f"DequantizeLinear {dq.name!r} for weight {w!r} (node {consumer!r}) differs from the solver's "
+                      f"values at {int(bad.sum())} of {bad.size} elements (max |diff| {diff:.3g})")
+            report.golden_engines[engine] = report.golden_engines.get(engine, 0) + 1
+            report.n_golden += 1
+    report.n_weights = len(quantized)
+
+
+def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], targets: list[Target], *,
+                    ort_load: bool = True) -> ValidationReport:
+    """Validate the QDQ file at ``path``; raises ExportError naming the tensor or node on the first failure."""
+    t0 = time.perf_counter()
+    path = Path(path)
+    if not path.is_file():
+        _fail(f"exported model {str(path)!r} does not exist")
+    try:
+        model = ir.load(str(path))
+    except Exception as err:
+        _fail(f"exported model {str(path)!r} cannot be read back: {err}")
+    opset, irv = int(model.opset_imports.get("", 1)), int(model.ir_version)
+    dqs = _spec_checks(model)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as err:
+        _fail(f"exported model {str(path)!r} fails onnx.checker: {str(err).strip().splitlines()[0]}")
+    if ort_load:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        try:
+            ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as err:
+            _fail(f"onnxruntime cannot load exported model {str(path)!r}: {str(err).strip().splitlines()[0]}")
+    data = data_path_for(path)
+    report = ValidationReport(path=path, opset=opset, ir_version=irv, n_dequantize=len(dqs), n_weights=0,
+                              n_golden=0, file_bytes=path.stat().st_size + (data.stat().st_size if data.exists() else 0))
+    _golden(model, quantized, targets, report)
+    report.seconds = time.perf_counter() - t0
+    return report

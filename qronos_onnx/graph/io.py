@@ -1,0 +1,205 @@
+"""Saving models: atomic writes, external data when needed, and refusal of outputs that would clobber inputs.
+
+Why a temp *directory*: ``<name>.data`` is referenced by its relative name from inside the .onnx file, so both files
+are written under their final names into a private folder next to the output and then renamed into place. A crash
+or an error before the renames leaves any existing output untouched and no partial file under the final names.
+The two renames (data first, then model) are the only window where the pair can disagree: a failed model rename
+puts the old data file back; only a crash between the two renames can leave a new .data beside an old .onnx.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import onnx_ir as ir
+
+from ..errors import ExportError
+
+# protobuf cannot serialize a message over 2 GiB; stay clear of it with the graph's own bytes on top
+EXTERNAL_DATA_THRESHOLD_BYTES = int(1.8e9)
+PROTOBUF_LIMIT_BYTES = 2**31 - 1
+EXTERNAL_SIZE_THRESHOLD = 1024  # tensors above this many bytes go to the .data file
+
+
+def data_path_for(path: str | Path) -> Path:
+    """The external data file written next to ``path``: ``<name>.data``."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def _writable_dir(path: Path) -> Path:
+    """The nearest existing ancestor of ``path`` (the folder that will hold the output, or that we will create)."""
+    d = path
+    while not d.exists():
+        if d.parent == d:
+            break
+        d = d.parent
+    return d
+
+
+def check_output_path(model_path: str | Path, out_path: str | Path, overwrite: bool) -> Path:
+    """Refuse outputs that would overwrite the input, an existing file (unless ``overwrite``) or an unwritable folder.
+
+    Returns the output path (absolute). Missing parent folders are accepted when they can be created.
+    """
+    model_path, out = Path(model_path), Path(out_path)
+    if str(out_path) == "" or out.name in ("", ".", ".."):
+        raise ExportError(f"output path {str(out_path)!r} is not a file name")
+    if out.exists() and out.is_dir():
+        raise ExportError(f"output path {str(out)!r} is a directory; give a file name such as model.q.onnx")
+    if _same_file(out, model_path):
+        raise ExportError(f"output path {str(out)!r} is the input model itself; choose a different output file")
+    if _same_file(data_path_for(out), model_path):
+        raise ExportError(f"output path {str(out)!r} would write its external data over the input model "
+                          f"{str(model_path)!r}; choose a different output name")
+    if out.exists() and not overwrite:
+        raise ExportError(f"output file {str(out)!r} already exists; pass --overwrite (overwrite=True) to replace it")
+    parent = out.absolute().parent
+    base = _writable_dir(parent)
+    if not base.is_dir():
+        raise ExportError(f"cannot create output folder {str(parent)!r}: {str(base)!r} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ExportError(f"output folder {str(base)!r} is not writable; cannot write {str(out)!r}")
+    return out.absolute()
+
+
+def _initializer_values(model: ir.Model) -> list[ir.Value]:
+    return [v for g in model.graphs() for v in g.initializers.values() if v.const_value is not None]
+
+
+def model_tensor_bytes(model: ir.Model) -> int:
+    """Bytes of all initializers (in memory or external): what an inline save would have to serialize."""
+    return sum(int(v.const_value.nbytes) for v in _initializer_values(model))
+
+
+def external_sources(model: ir.Model) -> set[Path]:
+    """Files the model's lazy ExternalTensors read from (the *input* model's data files)."""
+    out = set()
+    for v in _initializer_values(model):
+        t = v.const_value
+        if isinstance(t, ir.ExternalTensor):
+            out.add(Path(t.path))
+    return out
+
+
+@contextlib.contextmanager
+def _materialized(model: ir.Model) -> Iterator[None]:
+    """Temporarily replace ExternalTensors by in-memory copies, so an inline save embeds the bytes.
+
+    Without this, onnx-ir writes an ExternalTensor back as a reference to its *input* location, which is wrong (or
+    missing) relative to the output folder.
+    """
+    saved: list[tuple[ir.Value, ir.ExternalTensor]] = []
+    try:
+        for v in _initializer_values(model):
+            t = v.const_value
+            if isinstance(t, ir.ExternalTensor):
+                try:
+                    arr = t.numpy()
+                except Exception as err:
+                    raise ExportError(f"cannot read external data of tensor {v.name!r} from {t.path!r}: {err}") from None
+                saved.append((v, t))
+                v.const_value = ir.Tensor(arr, dtype=t.dtype, name=t.name, doc_string=t.doc_string)
+        yield
+    finally:
+        for v, t in saved:
+            v.const_value = t
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(model: ir.Model, path: Path, external: bool) -> None:
+    """The actual serialization (separate so tests can make it fail midway)."""
+    if external:
+        ir.save(model, path, external_data=data_path_for(path).name, size_threshold_bytes=EXTERNAL_SIZE_THRESHOLD)
+    else:
+        with _materialized(model):
+            ir.save(model, path)
+
+
+def save_model(model: ir.Model, path: str | Path, *, external_data: bool | None = None,
+               overwrite: bool = False) -> Path:
+    """Write ``model`` to ``path`` atomically; returns the absolute path written.
+
+    ``external_data``: None chooses automatically (external when the tensors exceed ~1.8 GB), True forces
+    ``<name>.data`` next to the file (single file, tensors over 1 KiB), False forces one self-contained file.
+    The model object is left unchanged; lazy tensors of the input model are read from their input location.
+    """
+    out = Path(path).absolute()
+    if out.exists() and out.is_dir():
+        raise ExportError(f"output path {str(out)!r} is a directory; give a file name such as model.q.onnx")
+    if out.exists() and not overwrite:
+        raise ExportError(f"output file {str(out)!r} already exists; pass --overwrite (overwrite=True) to replace it")
+    data = data_path_for(out)
+    sources = external_sources(model)
+    for src in sources:
+        for dst in (out, data):
+            if _same_file(src, dst):
+                raise ExportError(f"cannot write {str(dst)!r}: the model being saved still reads its external data "
+                                  f"from that file; choose a different output path")
+    nbytes = model_tensor_bytes(model)
+    external = external_data if external_data is not None else nbytes > EXTERNAL_DATA_THRESHOLD_BYTES
+    if not external and nbytes > PROTOBUF_LIMIT_BYTES:
+        raise ExportError(f"model for {str(out)!r} holds {nbytes / 2**30:.2f} GiB of tensors, over the 2 GiB protobuf "
+                          f"limit; save it with external data")
+    if external and data.exists() and not overwrite:
+        raise ExportError(f"external data file {str(data)!r} already exists; pass --overwrite (overwrite=True) "
+                          f"to replace it")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    except OSError as err:
+        raise ExportError(f"cannot write into output folder {str(parent)!r}: {err.strerror or err}") from None
+    try:
+        tmp_model = tmpdir / out.name
+        tmp_data = data_path_for(tmp_model)
+        try:
+            _write(model, tmp_model, external)
+        except ExportError:
+            raise
+        except Exception as err:
+            raise ExportError(f"failed to write {str(out)!r}: {type(err).__name__}: {err}") from None
+        has_data = external and tmp_data.exists()  # False when every tensor stayed under the threshold
+        if has_data:
+            _fsync(tmp_data)
+        _fsync(tmp_model)
+        backup = None
+        if has_data and data.exists():  # keep the old data reachable until the new model is in place
+            backup = tmpdir / ".previous.data"
+            try:
+                os.link(data, backup)
+            except OSError:
+                backup = None
+        if has_data:
+            os.replace(tmp_data, data)
+        try:
+            os.replace(tmp_model, out)
+        except OSError:
+            if backup is not None:
+                os.replace(backup, data)  # the old model must keep finding its old data
+            raise
+        if not has_data and overwrite and data.exists() and not any(_same_file(s, data) for s in sources):
+            data.unlink()  # the data file of the output we just replaced: it belongs to nothing any more
+    except OSError as err:
+        raise ExportError(f"failed to write {str(out)!r}: {err}") from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return out

@@ -1,0 +1,188 @@
+"""End to end: the Python API and the CLI on tiny models, and one clear error per kind of bad input."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import yaml
+
+from qronos_onnx.api import quantize
+from qronos_onnx.config import QuantConfig, load_recipe
+
+from . import tiny_models as tm
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
+def _npz_dir(samples: list[dict], path: Path) -> Path:
+    path.mkdir()
+    for i, s in enumerate(samples):
+        np.savez(path / f"s{i:03d}.npz", **s)
+    return path
+
+
+def _run(path: Path, feed: dict) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture()
+def transformer_files(tmp_path):
+    model = _save(tm.transformer(n_blocks=2), tmp_path / "model.onnx")
+    calib = _npz_dir(tm.transformer_inputs(n=6, seq=8), tmp_path / "calib")
+    return model, calib
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qronos_onnx", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.parametrize("algo", ["rtn", "gptq", "gpfq", "qronos"])
+def test_api_quantizes_transformer_with_every_algorithm(transformer_files, tmp_path, algo):
+    model, calib = transformer_files
+    before = _sha(model)
+    cfg = load_recipe("w4").override({"rounding.algorithm": algo})
+    out = tmp_path / f"q_{algo}.onnx"
+    res = quantize(model, calib, out, cfg, quiet=True)
+    assert _sha(model) == before, "the input model must never change"
+    assert out.exists() and res.config_path.exists() and res.report_path.exists()
+    assert len(res.layers) == 2 * 7 + 1  # 7 targets per block plus lm_head
+    report = json.loads(res.report_path.read_text())
+    assert report["config"]["rounding"]["algorithm"] == algo
+    assert QuantConfig.from_dict(yaml.safe_load(res.config_path.read_text())) == cfg
+    # the quantized model runs, and stays close to the float model
+    feed = tm.transformer_inputs(n=1, seq=8, seed=7)[0]
+    ref, got = _run(model, feed)[0], _run(out, feed)[0]
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert 0 < rel < 0.35, rel
+    kinds = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "DequantizeLinear" in kinds
+
+
+def test_error_correction_beats_rtn_on_reconstruction(transformer_files, tmp_path):
+    model, calib = transformer_files
+    errs = {}
+    for algo in ("rtn", "gptq", "qronos"):
+        cfg = load_recipe("w3").override({"rounding.algorithm": algo})
+        res = quantize(model, calib, tmp_path / f"{algo}.onnx", cfg, quiet=True)
+        errs[algo] = float(np.mean([r.rel_error for r in res.layers]))
+        if algo == "rtn":
+            assert all(abs(r.rel_error - r.rtn_rel_error) < 1e-5 for r in res.layers)
+    assert errs["qronos"] < errs["rtn"] and errs["gptq"] < errs["rtn"], errs
+
+
+def test_api_quantizes_cnn_and_shared_weight(tmp_path):
+    cnn = _save(tm.cnn(), tmp_path / "cnn.onnx")
+    out = tmp_path / "cnn_q.onnx"
+    res = quantize(cnn, _npz_dir(tm.cnn_inputs(n=4), tmp_path / "c1"), out, load_recipe("w8"), quiet=True)
+    assert {r.weight for r in res.layers} == {"c1_w", "c2_w", "c3_w", "fc1_w", "fc2_w"}
+    feed = tm.cnn_inputs(n=1, seed=5)[0]
+    assert np.allclose(_run(cnn, feed)[0], _run(out, feed)[0], atol=0.05)
+
+    mlp = _save(tm.residual_mlp(), tmp_path / "mlp.onnx")
+    res = quantize(mlp, _npz_dir(tm.mlp_inputs(n=4), tmp_path / "c2"), tmp_path / "mlp_q.onnx",
+                   load_recipe("w4"), quiet=True)
+    assert sorted(r.weight for r in res.layers) == ["w2", "w_shared"]  # the shared weight is rounded once
+
+
+def test_cli_quantize_inspect_recipes(transformer_files, tmp_path):
+    model, calib = transformer_files
+    out = tmp_path / "cli.onnx"
+    r = _cli("quantize", str(model), "--calib", str(calib), "-o", str(out), "--w3", "--algo", "gptq",
+             "--exclude", "lm_head", "--group-size", "16", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert "worst layers" in r.stdout
+    cfg = yaml.safe_load(Path(str(out) + ".config.yaml").read_text())
+    assert cfg["weights"]["bits"] == 3 and cfg["weights"]["group_size"] == 16 and cfg["seed"] == 3
+    assert cfg["rounding"]["algorithm"] == "gptq" and cfg["exclude"] == ["lm_head"]
+    layers = json.loads(Path(str(out) + ".report.json").read_text())["layers"]
+    assert all("lm_head" not in lay["nodes"] for lay in layers)
+
+    r = _cli("inspect", str(model))
+    assert r.returncode == 0 and "b0_q_proj" in r.stdout and "quantizable nodes: 15" in r.stdout
+    r = _cli("recipes")
+    assert r.returncode == 0 and "w4" in r.stdout and "w2" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def _bad(*args, expect: str) -> None:
+    r = _cli(*args)
+    assert r.returncode != 0, r.stdout
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1, r.stderr  # one clear line, no traceback
+    assert expect in err[0], err[0]
+
+
+def test_bad_model_paths(transformer_files, tmp_path):
+    _, calib = transformer_files
+    _bad("quantize", str(tmp_path / "nope.onnx"), "--calib", str(calib), "-o", str(tmp_path / "o.onnx"),
+         expect="does not exist")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage" * 10)
+    _bad("quantize", str(corrupt), "--calib", str(calib), "-o", str(tmp_path / "o.onnx"), expect="not a readable ONNX")
+
+
+def test_model_without_quantizable_node(tmp_path):
+    g = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+                               [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+    model = _save(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "relu.onnx")
+    calib = _npz_dir([{"x": np.ones(2, np.float32)}], tmp_path / "c")
+    _bad("quantize", str(model), "--calib", str(calib), "-o", str(tmp_path / "o.onnx"), expect="no quantizable node")
+
+
+def test_calibration_mismatch_and_nan(transformer_files, tmp_path):
+    model, _ = transformer_files
+    wrong = _npz_dir([{"y": np.ones((1, 8, 32), np.float32)}], tmp_path / "wrong")
+    _bad("quantize", str(model), "--calib", str(wrong), "-o", str(tmp_path / "o.onnx"), expect="x")
+    s = tm.transformer_inputs(n=1)[0]
+    s["x"][0, 0, 0] = np.nan
+    nan = _npz_dir([s], tmp_path / "nan")
+    _bad("quantize", str(model), "--calib", str(nan), "-o", str(tmp_path / "o.onnx"), expect="NaN")
+
+
+def test_bad_options(transformer_files, tmp_path):
+    model, calib = transformer_files
+    o = str(tmp_path / "o.onnx")
+    _bad("quantize", str(model), "--calib", str(calib), "-o", o, "--recipe", "w9", expect="unknown recipe 'w9'")
+    _bad("quantize", str(model), "--calib", str(calib), "-o", o, "--bits", "11", expect="weights.bits")
+    _bad("quantize", str(model), "--calib", str(calib), "-o", o, "--group-size", "48", expect="power of two")
+    _bad("quantize", str(model), "--calib", str(calib), "-o", o, "--algo", "magic", expect="invalid choice")
+    _bad("quantize", str(model), "--calib", str(calib), "-o", o, "--max-memory", "lots", expect="--max-memory")
+    bad_recipe = tmp_path / "r.yaml"
+    bad_recipe.write_text("weights: {bitz: 4}\n")
+    _bad("quantize", str(model), "--calib", str(calib), "-o", o, "--recipe", str(bad_recipe),
+         expect="unknown key 'weights.bitz'")
+
+
+def test_output_path_rules(transformer_files, tmp_path):
+    model, calib = transformer_files
+    _bad("quantize", str(model), "--calib", str(calib), "-o", str(model), expect=str(model.name))
+    existing = tmp_path / "exists.onnx"
+    existing.write_bytes(b"keep me")
+    _bad("quantize", str(model), "--calib", str(calib), "-o", str(existing), expect="exists")
+    assert existing.read_bytes() == b"keep me"
+    # a path under a regular file can never be written, whoever runs the test (root ignores chmod)
+    blocker = tmp_path / "plainfile"
+    blocker.write_text("x")
+    _bad("quantize", str(model), "--calib", str(calib), "-o", str(blocker / "o.onnx"), expect=str(blocker))

@@ -50,7 +50,7 @@ def main() -> int:
     model, tok_dir, calib_txt = Path(paths["onnx"]), paths["tokenizer"], paths["calib_txt"]
 
     cfg = load_recipe(args.recipe).override({"rounding.algorithm": args.algo, "capture.samples": args.samples,
-                                             "capture.seq_len": args.seq_len, "exclude": ["lm_head"]})
+                                             "capture.seq_len": args.seq_len})
     if args.group_size is not None:
         cfg = cfg.override({"weights.group_size": args.group_size})
     if args.reference:

@@ -1,6 +1,7 @@
 """quantize(): the whole pipeline, one stage per line of the data flow in docs/ARCHITECTURE.md."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,8 +17,8 @@ from .calib import load_calibration
 from .capture import CaptureEngine
 from .config import QuantConfig
 from .errors import ModelError
-from .export import export_qdq, validate_export
-from .formats import IntGrid, QuantizedWeight, make_int_grid
+from .export import export_model, validate_export
+from .formats import IntGrid, QuantizedWeight, make_grid
 from .graph.io import check_output_path, save_model
 from .graph.model import load_model
 from .graph.targets import Target, find_targets, weight_matrix
@@ -110,7 +111,8 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         "quant.reference": cfg.capture.reference,
         "quant.calibration_samples": str(len(samples)),
     }
-    export_qdq(model, quantized, targets, metadata=metadata)
+    export_model(model, quantized, targets, dialect=cfg.export.dialect, metadata=metadata,
+                 accuracy_level=cfg.export.accuracy_level)
     save_model(model, out, overwrite=overwrite)
     validate_export(out, quantized, targets)
     t_export = time.perf_counter() - t0
@@ -161,7 +163,7 @@ def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig
         t = ts[0]
         W = weight_matrix(model, t)
         scale_dtype = torch.float16 if t.weight_dtype == np.float16 else torch.float32
-        grid = make_int_grid(W, cfg.weights, scale_dtype, force_per_channel=(t.op_type == "Conv"))
+        grid = make_grid(W, cfg.weights, scale_dtype, force_per_channel=(t.op_type == "Conv"), name=name)
         todo.append(_Unit([name], ts, W, grid, stats[name], [W.shape[1]]))
 
     for batch in _batches(_merge_shared_inputs(todo)):
@@ -193,8 +195,8 @@ def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig
                 ugrid = grid.slice_rows(slice(r0, r0 + rows))
                 qw = QuantizedWeight(
                     codes=ucodes.reshape(-1, ucodes.shape[-1]),
-                    grid=_flat_grid(IntGrid(**{**ugrid.__dict__, "scale": ugrid.scale[sl],
-                                                "zero_point": ugrid.zero_point[sl]})),
+                    grid=_flat_grid(dataclasses.replace(ugrid, scale=ugrid.scale[sl],
+                                                        zero_point=ugrid.zero_point[sl])),
                     info={**info, "rel_error": e, "rtn_rel_error": e_rtn},
                 )
                 quantized[name] = qw
@@ -242,14 +244,14 @@ def _batches(units: list[_Unit]) -> list[list[_Unit]]:
 
 def _cat_grids(grids: list[IntGrid], dim: int = 0) -> IntGrid:
     g0 = grids[0]
-    return IntGrid(**{**g0.__dict__, "scale": torch.cat([g.scale for g in grids], dim=dim),
-                      "zero_point": torch.cat([g.zero_point for g in grids], dim=dim)})
+    return dataclasses.replace(g0, scale=torch.cat([g.scale for g in grids], dim=dim),
+                               zero_point=torch.cat([g.zero_point for g in grids], dim=dim))
 
 
 def _flat_grid(grid: IntGrid) -> IntGrid:
     """[groups, rows, n_groups] -> [groups*rows, n_groups]: the layout QuantizedWeight keeps."""
-    return IntGrid(**{**grid.__dict__, "scale": grid.scale.reshape(-1, grid.scale.shape[-1]).cpu(),
-                      "zero_point": grid.zero_point.reshape(-1, grid.zero_point.shape[-1]).cpu()})
+    return dataclasses.replace(grid, scale=grid.scale.reshape(-1, grid.scale.shape[-1]).cpu(),
+                               zero_point=grid.zero_point.reshape(-1, grid.zero_point.shape[-1]).cpu())
 
 
 def _onnx_weight(target: Target, qw: QuantizedWeight) -> np.ndarray:

@@ -17,10 +17,19 @@ import yaml
 from .errors import ConfigError
 
 ALGORITHMS = ("rtn", "gptq", "gpfq", "qronos")
-WEIGHT_FORMATS = ("int",)
+WEIGHT_FORMATS = ("int", "mxfp4", "mxfp8", "mxint8", "fp8")
 SCALE_METHODS = ("minmax", "mse")
 REFERENCE_MODES = ("float", "local")
-DIALECTS = ("qdq",)
+DIALECTS = ("qdq", "mx", "matmulnbits")
+# what each non-integer format fixes: OCP MX blocks of 32 along K; FP8 is per output channel; all symmetric
+FORMAT_SETTINGS: dict[str, dict[str, Any]] = {
+    "mxfp4": {"bits": 4, "group_size": 32, "symmetric": True},
+    "mxfp8": {"bits": 8, "group_size": 32, "symmetric": True},
+    "mxint8": {"bits": 8, "group_size": 32, "symmetric": True},
+    "fp8": {"bits": 8, "group_size": 0, "symmetric": True},
+}
+_FORMAT_WHY = {"mxfp4": "e2m1 elements in OCP MX blocks of 32", "mxfp8": "e4m3 elements in OCP MX blocks of 32",
+               "mxint8": "int8 elements in OCP MX blocks of 32", "fp8": "e4m3 elements with one scale per channel"}
 DEVICES = ("auto", "cpu", "cuda")
 STATS_DTYPES = ("float32", "float64")
 ACT_FORMATS = ("none",)
@@ -53,6 +62,22 @@ class WeightQuantConfig:
             raise ConfigError(f"weights.minmax_scale must be in (0, 1], got {self.minmax_scale!r}")
         if self.narrow and not self.symmetric and self.bits != 2:
             raise ConfigError("weights.narrow with an asymmetric grid is only defined for 2 bits (ternary)")
+        fixed = FORMAT_SETTINGS.get(self.format)
+        if fixed:
+            for key, want in fixed.items():
+                got = getattr(self, key)
+                if got != want:
+                    raise ConfigError(
+                        f"weights.format {self.format} ({_FORMAT_WHY[self.format]}) needs weights.{key} = "
+                        f"{str(want).lower()}, got {got!r}; set it, or drop the conflicting option"
+                    )
+            if self.narrow:
+                raise ConfigError(f"weights.narrow applies to integer grids only, not weights.format {self.format}")
+
+    @classmethod
+    def for_format(cls, fmt: str, **kw: Any) -> "WeightQuantConfig":
+        """A config for ``fmt`` with the bits / group size / symmetry that format fixes (``kw`` overrides)."""
+        return cls(format=fmt, **{**FORMAT_SETTINGS.get(fmt, {}), **kw})
 
 
 @dataclass
@@ -112,10 +137,17 @@ class CaptureConfig:
 
 @dataclass
 class ExportConfig:
+    """``dialect``: qdq (DequantizeLinear, onnxruntime-runnable), mx (canonical opset-24 MX for compilers) or
+    matmulnbits (com.microsoft.MatMulNBits for integer MatMul weights). ``accuracy_level`` is written on
+    MatMulNBits nodes: 0 computes in float (exact); 4 quantizes activations to int8 per block (faster, inexact)."""
+
     dialect: str = "qdq"
+    accuracy_level: int = 0
 
     def validate(self) -> None:
         _choice("export.dialect", self.dialect, DIALECTS)
+        if self.accuracy_level not in (0, 1, 2, 3, 4) or isinstance(self.accuracy_level, bool):
+            raise ConfigError(f"export.accuracy_level must be 0, 1, 2, 3 or 4, got {self.accuracy_level!r}")
 
 
 @dataclass

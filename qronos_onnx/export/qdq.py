@@ -57,14 +57,18 @@ class WeightEncoding:
     container: str
     bits: int
     transpose_gemm: bool  # Gemm(transB=1) consumers become transB=0
+    output_dtype: int = 0  # TensorProto type of the DQ's output_dtype attribute (E8M0 scales); 0: not written
+    min_opset: int = 0  # what the element / scale types need on top of the rule below (fp8 19, fp4 + E8M0 24)
 
     @property
     def opset(self) -> int:
         """Lowest opset that expresses this encoding: 4-bit types and blocked DQ need 21, float16 scales 19,
         per-axis int8 13."""
         if self.container in ("int4", "uint4") or self.block_size:
-            return 21
-        return 19 if self.scale.dtype == np.float16 else 13
+            base = 21
+        else:
+            base = 19 if self.scale.dtype == np.float16 else 13
+        return max(base, self.min_opset)
 
 
 def container_for(bits: int, symmetric: bool) -> str:
@@ -279,7 +283,9 @@ def _rewire(model: ir.Model, enc: WeightEncoding, targets: list[Target], nodes: 
     attrs = {"axis": enc.axis}
     if enc.block_size:
         attrs["block_size"] = enc.block_size
-    out_dtype = ir.DataType.from_numpy(enc.scale.dtype)
+    if enc.output_dtype:
+        attrs["output_dtype"] = enc.output_dtype
+    out_dtype = ir.DataType(enc.output_dtype) if enc.output_dtype else ir.DataType.from_numpy(enc.scale.dtype)
     n_dq = 0
     for t in targets:
         node = nodes.get(t.name)
@@ -304,21 +310,34 @@ def _rewire(model: ir.Model, enc: WeightEncoding, targets: list[Target], nodes: 
 
 
 def export_qdq(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: list[Target], *,
-               metadata: dict[str, str]) -> ir.Model:
+               metadata: dict[str, str], dialect: str = "qdq") -> ir.Model:
     """Replace each quantized weight initializer of ``model`` (edited in place and returned) by a DequantizeLinear.
 
     Only the consumers listed in ``targets`` are rewired; a weight that other nodes also read keeps its float
     initializer for them. Raises ExportError (naming the weight) on anything the file could not express exactly.
+    ``dialect``: "qdq" writes MX / FP8 weights in their onnxruntime-runnable form, "mx" writes MX weights in the
+    canonical opset-24 form (FLOAT4E2M1 / E8M0); integer weights are the same in both (export/mx.py).
     """
+    if dialect not in ("qdq", "mx"):
+        raise ExportError(f"export_qdq writes the 'qdq' and 'mx' dialects, not {dialect!r}")
+    from .mx import encode_element_weight
+
     by_weight: dict[str, list[Target]] = {}
     for t in targets:
         by_weight.setdefault(t.weight_name, []).append(t)
     encodings: list[tuple[WeightEncoding, list[Target]]] = []
+    formats: set[str] = set()
     for name, qw in quantized.items():
         ts = by_weight.get(name)
         if not ts:
             raise ExportError(f"quantized weight {name!r} has no target node in the target list")
-        encodings.append((encode_weight(name, qw, _check_layout(name, ts)), ts))
+        target = _check_layout(name, ts)
+        if qw.format == "int":
+            enc = encode_weight(name, qw, target)
+        else:
+            enc = encode_element_weight(name, qw, target, canonical=(dialect == "mx"))
+        formats.add(qw.format)
+        encodings.append((enc, ts))
 
     need = max((e.opset for e, _ in encodings), default=13)
     current = default_opset(model)
@@ -339,7 +358,12 @@ def export_qdq(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: 
         props.setdefault("quant.bits", ",".join(map(str, bits)))
         props["quant.weight_bits"] = ",".join(map(str, bits))
         props["quant.container"] = ",".join(containers)
-    props["quant.dialect"] = "qdq"
+    if formats:
+        props["quant.format"] = ",".join(sorted(formats))
+    if formats & {"mxfp4", "mxfp8", "mxint8"}:
+        props["quant.group_size"] = "32"
+        props["quant.mx_form"] = "canonical" if dialect == "mx" else "onnxruntime"
+    props["quant.dialect"] = dialect
     props["quant.quantized_weights"] = str(len(encodings))
     log.info("QDQ export: %d weights, %d DequantizeLinear nodes, opset %d", len(encodings), n_dq, opset)
     return model

@@ -2,7 +2,9 @@
 bit-exact comparison of every DequantizeLinear with ``QuantizedWeight.dequantize()``.
 
 The golden check runs the file's own DQ nodes and initializers (not our in-memory copy), so it proves what a runtime
-will compute from the bytes on disk.
+will compute from the bytes on disk. DQ forms onnxruntime has no kernel for (canonical MX: FLOAT4E2M1, E8M0 scales)
+are evaluated by ``onnx.reference``; com.microsoft.MatMulNBits weights are unpacked in numpy
+(``decode_matmulnbits``) and compared to the bit.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from ..errors import ExportError
 from ..formats import QuantizedWeight
 from ..graph.io import data_path_for
 from ..graph.targets import Target
+from .matmulnbits import MS_DOMAIN, decode_matmulnbits
 
 GOLDEN_CHUNK_BYTES = 256 * 2**20  # DQ outputs computed per golden sub-model
 
@@ -59,6 +62,8 @@ class ValidationReport:
     golden_engines: dict[str, int] = field(default_factory=dict)  # onnxruntime / onnx.reference -> DQ count
     file_bytes: int = 0  # .onnx plus .data
     seconds: float = 0.0
+    n_matmulnbits: int = 0  # com.microsoft.MatMulNBits nodes (spec-checked, golden-checked in numpy)
+    ort_load: str = ""  # "ok", "skipped: <why>" or "not asked"
 
 
 def _fail(msg: str) -> None:
@@ -128,6 +133,37 @@ def check_dq_node(node: ir.Node, opset: int, ir_version: int) -> None:
         _fail(f"{name}: scale of shape {ss} needs block_size (blocked quantization)")
     if z is not None and tuple(z.shape.numpy()) != ss:
         _fail(f"{name}: zero point shape {tuple(z.shape.numpy())} differs from the scale shape {ss}")
+    if s.dtype == ir.DataType.FLOAT8E8M0 and not _attr_int(node, "output_dtype", 0):
+        _fail(f"{name}: a FLOAT8E8M0 scale needs the output_dtype attribute (E8M0 cannot be the output type)")
+
+
+def check_matmulnbits_node(node: ir.Node) -> None:
+    """Shapes, types and attributes of a com.microsoft.MatMulNBits node (onnx_encodings.md §4)."""
+    name = f"MatMulNBits {node.name!r}"
+    a = {k: v.value for k, v in node.attributes.items()}
+    for key in ("K", "N", "bits", "block_size"):
+        if key not in a:
+            _fail(f"{name}: attribute {key} is missing")
+    K, N, bits, bs = (int(a[k]) for k in ("K", "N", "bits", "block_size"))
+    if bits not in (2, 4, 8):
+        _fail(f"{name}: bits={bits}; onnxruntime's CPU kernel takes 2, 4 or 8")
+    if bs < 16 or bs & (bs - 1) or (bits == 2 and bs > 256):
+        _fail(f"{name}: block_size {bs} must be a power of two >= 16 (<= 256 for 2 bits)")
+    if len(node.inputs) < 3:
+        _fail(f"{name}: needs inputs A, B and scales")
+    B = _const(node.inputs[1], node, "B")
+    sc = _const(node.inputs[2], node, "scales")
+    kb = -(-K // bs)
+    if B.dtype != ir.DataType.UINT8 or tuple(B.shape.numpy()) != (N, kb, bs * bits // 8):
+        _fail(f"{name}: B must be uint8 [{N}, {kb}, {bs * bits // 8}], got {B.dtype.name}{list(B.shape.numpy())}")
+    if sc.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16) or tuple(sc.shape.numpy()) not in ((N, kb), (N * kb,)):
+        _fail(f"{name}: scales must be float [{N}, {kb}], got {sc.dtype.name}{list(sc.shape.numpy())}")
+    zv = node.inputs[3] if len(node.inputs) > 3 else None
+    if zv is not None:
+        z = _const(zv, node, "zero_points")
+        zb = -(-kb * bits // 8)
+        if z.dtype != ir.DataType.UINT8 or tuple(z.shape.numpy()) not in ((N, zb), (N * zb,)):
+            _fail(f"{name}: packed zero points must be uint8 [{N}, {zb}], got {z.dtype.name}{list(z.shape.numpy())}")
 
 
 def _spec_checks(model: ir.Model) -> list[ir.Node]:
@@ -142,7 +178,21 @@ def _spec_checks(model: ir.Model) -> list[ir.Node]:
     dqs = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")]
     for n in dqs:
         check_dq_node(n, opset, irv)
+    for n in model.graph:
+        if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN:
+            check_matmulnbits_node(n)
     return dqs
+
+
+def _ort_unrunnable(dqs: list[ir.Node]) -> str | None:
+    """Why onnxruntime's CPU build cannot load this file (DQ element / scale types it has no kernel for), or None."""
+    for n in dqs:
+        x, s = n.inputs[0].const_value, n.inputs[1].const_value
+        if x is not None and x.dtype == ir.DataType.FLOAT4E2M1:
+            return f"DequantizeLinear {n.name!r} has FLOAT4E2M1 input (no onnxruntime kernel)"
+        if s is not None and s.dtype == ir.DataType.FLOAT8E8M0:
+            return f"DequantizeLinear {n.name!r} has a FLOAT8E8M0 scale (no onnxruntime kernel)"
+    return None
 
 
 def _expected(t: Target, qw: QuantizedWeight, consumer: ir.Node) -> np.ndarray:
@@ -193,6 +243,7 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
             report: ValidationReport) -> None:
     nodes = {n.name: n for n in model.graph if n.name}
     checks: list[tuple[ir.Node, np.ndarray, str, str]] = []  # dq, expected, weight, consumer
+    n_nbits = 0
     by_weight: dict[str, list[Target]] = {}
     for t in targets:
         if t.weight_name in quantized:
@@ -205,6 +256,11 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
             node = nodes.get(t.name)
             if node is None:
                 _fail(f"node {t.name!r} (consumer of weight {w!r}) is missing from the written file")
+            if node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN:
+                _golden_nbits(node, _expected(t, qw, node), w)
+                report.golden_engines["numpy-matmulnbits"] = report.golden_engines.get("numpy-matmulnbits", 0) + 1
+                n_nbits += 1
+                continue
             inp = node.inputs[1] if len(node.inputs) > 1 else None
             dq = inp.producer() if inp is not None else None
             if dq is None or dq.op_type != "DequantizeLinear":
@@ -240,12 +296,29 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
                       f"values at {int(bad.sum())} of {bad.size} elements (max |diff| {diff:.3g})")
             report.golden_engines[engine] = report.golden_engines.get(engine, 0) + 1
             report.n_golden += 1
+    report.n_golden += n_nbits
     report.n_weights = len(quantized)
 
 
+def _golden_nbits(node: ir.Node, exp: np.ndarray, w: str) -> None:
+    got = decode_matmulnbits(node)
+    if got.dtype != exp.dtype or got.shape != exp.shape:
+        _fail(f"MatMulNBits {node.name!r} for weight {w!r} decodes to {got.dtype}{list(got.shape)}, expected "
+              f"{exp.dtype}{list(exp.shape)}")
+    if got.tobytes() != np.ascontiguousarray(exp).tobytes():
+        bad = got.view(f"u{got.itemsize}") != np.ascontiguousarray(exp).view(f"u{exp.itemsize}")
+        diff = float(np.max(np.abs(got.astype(np.float64) - exp.astype(np.float64))))
+        _fail(f"MatMulNBits {node.name!r} for weight {w!r} differs from the solver's values at {int(bad.sum())} of "
+              f"{bad.size} elements (max |diff| {diff:.3g})")
+
+
 def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], targets: list[Target], *,
-                    ort_load: bool = True) -> ValidationReport:
-    """Validate the QDQ file at ``path``; raises ExportError naming the tensor or node on the first failure."""
+                    ort_load: bool | None = None) -> ValidationReport:
+    """Validate the exported file at ``path``; raises ExportError naming the tensor or node on the first failure.
+
+    ``ort_load``: True loads the file in onnxruntime (fails for canonical MX, which it cannot run); None (default)
+    does so unless the file uses DQ types onnxruntime has no kernel for; False skips it.
+    """
     t0 = time.perf_counter()
     path = Path(path)
     if not path.is_file():
@@ -260,6 +333,12 @@ def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], tar
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as err:
         _fail(f"exported model {str(path)!r} fails onnx.checker: {str(err).strip().splitlines()[0]}")
+    why_not = _ort_unrunnable(dqs)
+    if ort_load is None:
+        ort_load = why_not is None
+        ort_state = "ok" if ort_load else f"skipped: {why_not}"
+    else:
+        ort_state = "ok" if ort_load else "not asked"
     if ort_load:
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -268,8 +347,11 @@ def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], tar
         except Exception as err:
             _fail(f"onnxruntime cannot load exported model {str(path)!r}: {str(err).strip().splitlines()[0]}")
     data = data_path_for(path)
+    nbytes = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
     report = ValidationReport(path=path, opset=opset, ir_version=irv, n_dequantize=len(dqs), n_weights=0,
-                              n_golden=0, file_bytes=path.stat().st_size + (data.stat().st_size if data.exists() else 0))
+                              n_golden=0, file_bytes=nbytes, ort_load=ort_state,
+                              n_matmulnbits=sum(n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN
+                                                for n in model.graph))
     _golden(model, quantized, targets, report)
     report.seconds = time.perf_counter() - t0
     return report

@@ -17,7 +17,7 @@ class QuantizedWeight:
     """
 
     codes: torch.Tensor  # [rows, cols] int16 holding values in [grid.qmin, grid.qmax]
-    grid: IntGrid  # per-row scales and zero points, [rows, n_groups]
+    grid: IntGrid  # per-row scales and zero points, [rows, n_groups]; or an ElementGrid (MX / FP8 formats)
     info: dict = field(default_factory=dict)  # algorithm, damping, retries, errors: for the report
 
     def __post_init__(self) -> None:
@@ -33,9 +33,19 @@ class QuantizedWeight:
     def bits(self) -> int:
         return self.grid.bits
 
+    @property
+    def format(self) -> str:
+        """'int', or the ElementGrid's format: 'mxfp4', 'mxfp8', 'mxint8', 'fp8'."""
+        return getattr(self.grid, "format", "int")
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``(codes - zero_point) * scale`` in the scale's dtype (float32, or float16 for fp16 models)."""
+        """``(codes - zero_point) * scale`` in the scale's dtype (float32, or float16 for fp16 models).
+
+        Element grids (MX / FP8): exactly ``grid.decode(codes)`` (an exact float32 product), cast to ``dtype``.
+        """
         dtype = dtype or self.grid.scale_dtype
+        if not isinstance(self.grid, IntGrid):
+            return self.grid.decode(self.codes).to(dtype)
         gi = self.grid.group_index()
         scale = self.grid.scale[:, gi].to(dtype)
         zero = self.grid.zero_point[:, gi].to(torch.int32)

@@ -47,7 +47,7 @@ def _sha(path: Path) -> str:
 @pytest.fixture()
 def transformer_files(tmp_path):
     model = _save(tm.transformer(n_blocks=2), tmp_path / "model.onnx")
-    calib = _npz_dir(tm.transformer_inputs(n=6, seq=8), tmp_path / "calib")
+    calib = _npz_dir(tm.transformer_inputs(n=8, seq=16), tmp_path / "calib")
     return model, calib
 
 
@@ -73,27 +73,41 @@ def test_api_quantizes_transformer_with_every_algorithm(transformer_files, tmp_p
     feed = tm.transformer_inputs(n=1, seq=8, seed=7)[0]
     ref, got = _run(model, feed)[0], _run(out, feed)[0]
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-    assert 0 < rel < 0.35, rel
+    assert 0 < rel < 0.5, rel  # 128 calibration tokens for 64-wide layers: loose on purpose; see the next test
     kinds = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert "DequantizeLinear" in kinds
 
 
-def test_error_correction_beats_rtn_on_reconstruction(transformer_files, tmp_path):
-    model, calib = transformer_files
-    errs = {}
-    for algo in ("rtn", "gptq", "qronos"):
+def test_error_correction_beats_rtn(tmp_path):
+    """In-sample reconstruction error and held-out model output, W3, 2048 calibration tokens (32 per input dim).
+
+    With only a few tokens per input dimension the least-squares re-fits overfit the calibration set (Qronos most of
+    all, at its tiny default damping), so this test gives them the data they are meant to have.
+    """
+    model = _save(tm.transformer(n_blocks=2), tmp_path / "model.onnx")
+    samples = tm.transformer_inputs(n=64, seq=32)
+    feeds = tm.transformer_inputs(n=4, seq=32, seed=7)
+    refs = [_run(model, f)[0] for f in feeds]
+    errs, held_out = {}, {}
+    for algo in ("rtn", "gptq", "gpfq", "qronos"):
         cfg = load_recipe("w3").override({"rounding.algorithm": algo})
-        res = quantize(model, calib, tmp_path / f"{algo}.onnx", cfg, quiet=True)
+        out = tmp_path / f"{algo}.onnx"
+        res = quantize(model, samples, out, cfg, quiet=True)
         errs[algo] = float(np.mean([r.rel_error for r in res.layers]))
+        held_out[algo] = float(np.mean([np.linalg.norm(_run(out, f)[0] - r) / np.linalg.norm(r)
+                                        for f, r in zip(feeds, refs)]))
         if algo == "rtn":
             assert all(abs(r.rel_error - r.rtn_rel_error) < 1e-5 for r in res.layers)
-    assert errs["qronos"] < errs["rtn"] and errs["gptq"] < errs["rtn"], errs
+    for algo in ("gptq", "gpfq", "qronos"):
+        assert errs[algo] < errs["rtn"], errs
+        assert held_out[algo] < held_out["rtn"], held_out
+    assert errs["qronos"] < errs["gptq"], errs  # Qronos targets the mismatched objective that is measured here
 
 
 def test_api_quantizes_cnn_and_shared_weight(tmp_path):
     cnn = _save(tm.cnn(), tmp_path / "cnn.onnx")
     out = tmp_path / "cnn_q.onnx"
-    res = quantize(cnn, _npz_dir(tm.cnn_inputs(n=4), tmp_path / "c1"), out, load_recipe("w8"), quiet=True)
+    res = quantize(cnn, tm.cnn_inputs(n=128), out, load_recipe("w8"), quiet=True)  # fc1 is 128 wide: 256 rows
     assert {r.weight for r in res.layers} == {"c1_w", "c2_w", "c3_w", "fc1_w", "fc2_w"}
     feed = tm.cnn_inputs(n=1, seed=5)[0]
     assert np.allclose(_run(cnn, feed)[0], _run(out, feed)[0], atol=0.05)

@@ -15,14 +15,16 @@ import yaml
 from . import __version__
 from .calib import load_calibration
 from .capture import CaptureEngine
+from .capture.act_calib import plan_activations, required_opset
 from .config import QuantConfig
 from .errors import ModelError
 from .export import export_model, validate_export
+from .export.qdq import default_opset, ir_version_for_opset, upgrade_opset
 from .formats import IntGrid, QuantizedWeight, make_grid
 from .graph.io import check_output_path, save_model
 from .graph.model import load_model
 from .graph.targets import Target, find_targets, weight_matrix
-from .rounding import reconstruction_error, round_weights
+from .rounding import reconstruction_errors, round_weights
 
 
 @dataclass
@@ -39,6 +41,7 @@ class LayerReport:
     retries: int
     status: str
     seconds: float
+    note: str = ""  # e.g. too few calibration tokens for the layer's width
 
 
 @dataclass
@@ -77,6 +80,11 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     out = check_output_path(model_path, output_path, overwrite)
     model = load_model(model_path)
     targets = find_targets(model, cfg.exclude)
+    act_opset = required_opset(cfg.activations, sorted({np.dtype(t.weight_dtype).name for t in targets}))
+    if targets and default_opset(model) < act_opset:  # the activation subgraphs run inside the capture's segments
+        upgrade_opset(model, act_opset)
+        model.ir_version = max(int(model.ir_version or 0), ir_version_for_opset(act_opset))
+        targets = find_targets(model, cfg.exclude)
     if not targets:
         raise ModelError(
             f"model {str(model_path)!r} has no quantizable node (MatMul/Gemm/Conv with a constant float weight)"
@@ -86,12 +94,16 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
                                seq_len=cfg.capture.seq_len, tokenizer=tokenizer)
     device = resolve_device(cfg.device)
     stats_dtype = torch.float64 if cfg.rounding.stats_dtype == "float64" else torch.float32
+    t0 = time.perf_counter()
+    acts = plan_activations(model, targets, samples, cfg.activations, cfg.capture, device=device, seed=cfg.seed)
+    t_act_calib = time.perf_counter() - t0
 
     quantized: dict[str, QuantizedWeight] = {}
     reports: list[LayerReport] = []
     t_round = 0.0
     t_capture0 = time.perf_counter()
     with CaptureEngine(model, targets, samples, cfg.capture, device=device, stats_dtype=stats_dtype,
+                       act_quant=acts.act_quant() if acts else None, graph_hook=acts.graph_hook if acts else None,
                        quiet=quiet) as engine:
         for wave_targets, stats in engine.waves():
             t0 = time.perf_counter()
@@ -110,9 +122,13 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         "quant.symmetric": str(cfg.weights.symmetric).lower(),
         "quant.reference": cfg.capture.reference,
         "quant.calibration_samples": str(len(samples)),
+        "quant.act_format": "none",
+        **(acts.metadata() if acts else {}),
     }
     export_model(model, quantized, targets, dialect=cfg.export.dialect, metadata=metadata,
                  accuracy_level=cfg.export.accuracy_level)
+    if acts is not None:
+        acts.apply(model)
     save_model(model, out, overwrite=overwrite)
     validate_export(out, quantized, targets)
     t_export = time.perf_counter() - t0
@@ -123,7 +139,8 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         report_path=out.with_name(out.name + ".report.json"),
         config=cfg,
         layers=reports,
-        timings={"capture": t_capture, "rounding": t_round, "export": t_export,
+        timings={**({"act_calibration": t_act_calib} if acts and not cfg.activations.dynamic else {}),
+                 "capture": t_capture, "rounding": t_round, "export": t_export,
                  "total": time.perf_counter() - t_start},
         n_samples=len(samples),
         output_bytes=_file_bytes(out),
@@ -179,8 +196,7 @@ def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig
         grid_d = grid.to(device)
         Q = grid_d.decode(res.codes.to(device).float())
         Wd = W.to(device).float()
-        err = reconstruction_error(Wd, Q, H, G, F).cpu()
-        rtn_err = reconstruction_error(Wd, grid_d.round(Wd), H, G, F).cpu()
+        err, rtn_err = (e.cpu() for e in reconstruction_errors(Wd, [Q, grid_d.round(Wd)], H, G, F))
         codes = res.codes.cpu()
         b0 = 0
         for u in batch:
@@ -207,10 +223,22 @@ def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig
                     algorithm=cfg.rounding.algorithm, rel_error=e, rtn_rel_error=e_rtn,
                     damping=info.get("damping"), retries=int(info.get("retries", 0)),
                     status=str(info.get("status", "ok")), seconds=seconds,
+                    note=_data_note(u.stats.n_tokens, u.W.shape[-1], cfg.rounding.algorithm),
                 ))
                 r0 += rows
             b0 += g
     return new
+
+
+TOKENS_PER_INPUT_WARNING = 8
+
+
+def _data_note(n_tokens: int, cols: int, algorithm: str) -> str:
+    """Least-squares re-fits (Qronos most, at its tiny default ridge) overfit when tokens barely outnumber inputs."""
+    if algorithm == "rtn" or n_tokens >= TOKENS_PER_INPUT_WARNING * cols:
+        return ""
+    return (f"only {n_tokens} calibration tokens for {cols} inputs: the solution may overfit the calibration set; "
+            "use more samples or a larger --damping")
 
 
 def _merge_shared_inputs(units: list[_Unit]) -> list[_Unit]:

@@ -1,4 +1,4 @@
-"""Command line: ``qronos-onnx quantize | inspect | recipes``. Errors print one line and exit non-zero."""
+"""Command line: ``qronos-onnx quantize | inspect | recipes | eval``. Errors print one line and exit non-zero."""
 from __future__ import annotations
 
 import argparse
@@ -6,10 +6,13 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import ALGORITHMS, REFERENCE_MODES, SCALE_METHODS, QuantConfig, list_recipes, load_recipe, parse_bytes
+from .config import (ACT_CALIBRATIONS, ALGORITHMS, DIALECTS, FORMAT_SETTINGS, REFERENCE_MODES, SCALE_METHODS,
+                     WEIGHT_FORMATS, QuantConfig, list_recipes, load_recipe, parse_bytes)
 from .errors import ConfigError, QronosError
 
-PRESETS = {"w8": "w8", "w4": "w4", "w3": "w3", "w2": "w2"}
+# flag -> recipe; the last five quantize activations too (recipes/*.yaml say how)
+PRESETS = {"w8": "w8", "w4": "w4", "w3": "w3", "w2": "w2", "w4a4": "w4a4", "w4a8": "w4a8", "w8a8": "w8a8",
+           "mxfp4": "mxfp4", "fp8": "fp8"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric weight grid")
     sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="asymmetric weight grid")
     q.add_argument("--scale-method", choices=SCALE_METHODS, help="min-max or MSE-searched weight scales")
+    q.add_argument("--format", choices=WEIGHT_FORMATS,
+                   help="weight format: int grid, OCP MX (mxfp4, mxfp8, mxint8; blocks of 32) or per-channel fp8")
+    q.add_argument("--dialect", choices=DIALECTS,
+                   help="export form: qdq (runs in onnxruntime, default), mx (canonical opset-24 MX for compilers), "
+                        "matmulnbits (com.microsoft.MatMulNBits for integer MatMul weights)")
+    q.add_argument("--act-calibration", choices=ACT_CALIBRATIONS,
+                   help="static activation scales from min-max, a percentile (--act-percentile) or an MSE search")
+    q.add_argument("--act-percentile", type=float, help="percentile for --act-calibration percentile (e.g. 99.99)")
+    q.add_argument("--reduce-range", action="store_true", default=None,
+                   help="7-bit integer weights: onnxruntime's u8 x s8 W8A8 kernels saturate with full-range int8 "
+                        "weights on x86 CPUs without VNNI")
     q.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
                    help="regular expression on node names to leave in float (repeatable)")
     q.add_argument("--samples", type=int, help="use at most this many calibration samples")
@@ -60,7 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--exclude", action="append", default=None, metavar="PATTERN")
 
     sub.add_parser("recipes", help="list the built-in recipes")
+    _add_eval_parser(sub)
     return p
+
+
+def _add_eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="evaluate a model (and compare it with another): perplexity or a task metric")
+    e.add_argument("model", help="ONNX model to evaluate (e.g. the float model)")
+    e.add_argument("--compare", metavar="OTHER.onnx", help="a second model (e.g. the quantized one), shown beside it")
+    e.add_argument("--task", required=True, action="append", choices=("ppl", "retrieval", "topic", "classify"),
+                   help="ppl: wiki-leads perplexity (causal LM); retrieval/topic: the sentence-encoder tasks; "
+                        "classify: image top-1 (repeatable)")
+    e.add_argument("--tokenizer", help="tokenizer folder (default: the one next to MODEL or OTHER)")
+    e.add_argument("--text", help="ppl: a .txt file to score instead of the wiki-leads test split")
+    e.add_argument("--seq-len", type=int, default=256, help="ppl: window length in tokens (default 256)")
+    e.add_argument("--windows", type=int, default=64, help="ppl: number of windows, 0 = all (default 64)")
+    e.add_argument("--images", help="classify: .npz with keys input and label (default: the MNIST test set)")
+    e.add_argument("--articles", type=int, default=2000, help="retrieval/topic: articles sampled (default 2000)")
+    e.add_argument("--seed", type=int, default=0, help="retrieval/topic: seed of the article sample (default 0)")
+    e.add_argument("--batch-size", type=int, help="inputs per onnxruntime call")
+    e.add_argument("--accuracy-level", default="0", choices=("0", "1", "2", "3", "4", "default"),
+                   help="session.qdq_matmulnbits_accuracy_level: 0 = exact (default); 4 = int8 activations in "
+                        "MatMulNBits; 'default' leaves onnxruntime's choice")
+    e.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    e.add_argument("--progress", action="store_true", help="show progress bars")
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
@@ -74,6 +111,10 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         "weights.group_size": args.group_size,
         "weights.symmetric": args.symmetric,
         "weights.scale_method": args.scale_method,
+        "weights.format": args.format,
+        "export.dialect": args.dialect,
+        "activations.calibration": args.act_calibration,
+        "activations.percentile": args.act_percentile,
         "capture.samples": args.samples,
         "capture.seq_len": args.seq_len,
         "capture.reference": args.reference,
@@ -83,6 +124,14 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         "seed": args.seed,
         "device": args.device,
     }
+    # a non-integer --format fixes bits / group size / symmetry: fill them unless given (then validation checks them)
+    for key, value in FORMAT_SETTINGS.get(args.format or "", {}).items():
+        if updates.get(f"weights.{key}") is None:
+            updates[f"weights.{key}"] = value
+    if args.reduce_range:
+        if (args.format or base.weights.format) != "int" or (args.bits or base.weights.bits) not in (7, 8):
+            raise ConfigError("--reduce-range applies to 8-bit integer weights (it makes them 7-bit)")
+        updates["weights.bits"] = 7
     cfg = base.override({k: v for k, v in updates.items() if v is not None})
     if args.exclude:
         cfg = cfg.override({"exclude": list(cfg.exclude) + args.exclude})
@@ -104,9 +153,11 @@ def format_summary(result) -> str:
     cfg = result.config
     lines = [
         f"wrote {result.output_path} ({result.output_bytes / 1e6:.1f} MB), {len(result.layers)} weights, "
-        f"{cfg.rounding.algorithm} W{cfg.weights.bits}"
+        f"{cfg.rounding.algorithm} "
+        f"{'W' + str(cfg.weights.bits) if cfg.weights.format == 'int' else cfg.weights.format}"
         f"{' g' + str(cfg.weights.group_size) if cfg.weights.group_size else ' per-channel'}"
-        f" {'sym' if cfg.weights.symmetric else 'asym'}, {result.n_samples} calibration samples",
+        f" {'sym' if cfg.weights.symmetric else 'asym'}, {result.n_samples} calibration samples"
+        + (f", activations {_act_summary(cfg.activations)}" if cfg.activations.enabled else ""),
         "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()),
         f"config: {result.config_path}   report: {result.report_path}",
         "",
@@ -117,7 +168,17 @@ def format_summary(result) -> str:
         shape = "x".join(map(str, r.shape))
         lines.append(f"{r.weight[-48:]:<48} {shape:>12} {r.rel_error:9.4f} {r.rtn_rel_error:9.4f}  {r.status}"
                      + (f" ({r.retries} retries)" if r.retries else ""))
+    noted = [r for r in result.layers if r.note]
+    if noted:
+        lines.append(f"note: {len(noted)} weights have few calibration tokens, e.g. {noted[0].weight}: {noted[0].note}")
     return "\n".join(lines)
+
+
+def _act_summary(act) -> str:
+    if act.format != "int":
+        return act.format + ("" if act.dynamic else f" static ({act.calibration})")
+    kind = "dynamic" if act.dynamic else f"static ({act.calibration})"
+    return f"A{act.bits} {act.granularity} {kind} {'sym' if act.symmetric else 'asym'}"
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -147,6 +208,33 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .eval.report import EvalData, EvalOptions, evaluate, options_dict, side_by_side
+
+    opts = EvalOptions(tokenizer=args.tokenizer, text=args.text, seq_len=args.seq_len,
+                       windows=None if args.windows == 0 else args.windows, images=args.images,
+                       articles=args.articles, seed=args.seed, batch_size=args.batch_size,
+                       accuracy_level=None if args.accuracy_level == "default" else int(args.accuracy_level)).validate()
+    if opts.tokenizer is None and any(t != "classify" for t in args.task):
+        from .eval.tasks import default_tokenizer
+
+        found = default_tokenizer(args.model, args.compare)
+        opts.tokenizer = str(found) if found else None
+    tasks = list(dict.fromkeys(args.task))
+    data = EvalData(opts)
+    results = {}
+    for model in [args.model] + ([args.compare] if args.compare else []):
+        results[model] = evaluate(model, tasks, opts, data, quiet=not args.progress)
+    print(side_by_side(results))
+    if args.json:
+        payload = {"tool": f"qronos-onnx {__version__}", "options": options_dict(opts), "tasks": tasks,
+                   "models": results}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
 def _recipes(_args: argparse.Namespace) -> int:
     for name, desc in list_recipes().items():
         print(f"{name:<16} {desc}")
@@ -156,7 +244,7 @@ def _recipes(_args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"quantize": _quantize, "inspect": _inspect, "recipes": _recipes}[args.command](args)
+        return {"quantize": _quantize, "inspect": _inspect, "recipes": _recipes, "eval": _eval}[args.command](args)
     except QronosError as err:
         print(f"qronos-onnx: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -32,7 +32,15 @@ _FORMAT_WHY = {"mxfp4": "e2m1 elements in OCP MX blocks of 32", "mxfp8": "e4m3 e
                "mxint8": "int8 elements in OCP MX blocks of 32", "fp8": "e4m3 elements with one scale per channel"}
 DEVICES = ("auto", "cpu", "cuda")
 STATS_DTYPES = ("float32", "float64")
-ACT_FORMATS = ("none",)
+ACT_FORMATS = ("none", "int", "mxfp4", "mxfp8", "fp8")
+ACT_GRANULARITIES = ("per_tensor", "per_token", "per_block")
+ACT_CALIBRATIONS = ("minmax", "percentile", "mse")
+# what each non-integer activation format fixes: MX blocks of 32 with runtime E8M0 scales; FP8 static per tensor
+ACT_FORMAT_SETTINGS: dict[str, dict[str, Any]] = {
+    "mxfp4": {"bits": 4, "granularity": "per_block", "dynamic": True, "symmetric": True},
+    "mxfp8": {"bits": 8, "granularity": "per_block", "dynamic": True, "symmetric": True},
+    "fp8": {"bits": 8, "granularity": "per_tensor", "dynamic": False, "symmetric": True},
+}
 
 
 @dataclass
@@ -82,16 +90,63 @@ class WeightQuantConfig:
 
 @dataclass
 class ActivationQuantConfig:
-    """Activation quantizers on the inputs of quantized targets ('none' until the activation work lands)."""
+    """Activation quantizers on the inputs of quantized targets (export/activations.py builds them).
+
+    ``int``: ``bits`` 4 or 8; static per-tensor scales (``dynamic: false``) are calibrated on the float model's
+    activations with ``calibration`` (minmax, percentile with ``percentile``, or mse); dynamic scales are computed
+    at run time per token (``per_token``) or per tensor. Asymmetric grids are unsigned with a zero point (static u8
+    is the onnxruntime-fusable W8A8 form). ``mxfp4`` / ``mxfp8``: OCP MX blocks of 32 along the channel axis with a
+    runtime power-of-two scale. ``fp8``: E4M3FN with one static scale amax / 448.
+    """
 
     format: str = "none"
+    bits: int = 8
+    granularity: str = "per_tensor"
+    dynamic: bool = False
+    symmetric: bool = False
+    calibration: str = "minmax"
+    percentile: float = 99.99
 
     def validate(self) -> None:
         _choice("activations.format", self.format, ACT_FORMATS)
+        _choice("activations.granularity", self.granularity, ACT_GRANULARITIES)
+        _choice("activations.calibration", self.calibration, ACT_CALIBRATIONS)
+        for key in ("dynamic", "symmetric"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"activations.{key} must be true or false, got {getattr(self, key)!r}")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+                or not 50.0 < float(self.percentile) <= 100.0:
+            raise ConfigError(f"activations.percentile must be a number in (50, 100], e.g. 99.99; "
+                              f"got {self.percentile!r}")
+        if not self.enabled:
+            return
+        fixed = ACT_FORMAT_SETTINGS.get(self.format)
+        if fixed:
+            for key, want in fixed.items():
+                got = getattr(self, key)
+                if got != want:
+                    raise ConfigError(
+                        f"activations.format {self.format} needs activations.{key} = {str(want).lower()}, "
+                        f"got {str(got).lower() if isinstance(got, bool) else repr(got)}; set it, or drop the "
+                        "conflicting option")
+            return
+        if self.bits not in (4, 8) or isinstance(self.bits, bool):
+            raise ConfigError(f"activations.bits must be 4 or 8 for integer activations, got {self.bits!r}")
+        if self.granularity == "per_block":
+            raise ConfigError("activations.granularity per_block is the MX block layout; integer activations are "
+                              "per_tensor or per_token")
+        if self.granularity == "per_token" and not self.dynamic:
+            raise ConfigError("activations.granularity per_token needs activations.dynamic: true (per-token "
+                              "scales are computed at run time)")
 
     @property
     def enabled(self) -> bool:
         return self.format != "none"
+
+    @classmethod
+    def for_format(cls, fmt: str, **kw: Any) -> "ActivationQuantConfig":
+        """A config for ``fmt`` with the bits / granularity / dynamic / symmetry that format fixes (``kw`` wins)."""
+        return cls(format=fmt, **{**ACT_FORMAT_SETTINGS.get(fmt, {}), **kw})
 
 
 @dataclass

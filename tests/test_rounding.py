@@ -442,9 +442,18 @@ def test_reconstruction_error_equals_direct_computation():
     # the orientation matters: the transposed cross-Gram gives a different (wrong) value on mismatched data
     wrong = reconstruction_error(W[None], Q[None], H, G.mT, F)
     assert abs(float(wrong[0]) - float(direct)) > 1e-3
-    # float32 inputs are computed in float64 and still match closely
+    # float32 inputs are computed in float32 in the cancellation-free form and still match closely,
+    # also for a nearly perfect quantizer where the expanded form would cancel large terms
     got32 = reconstruction_error(*(t.float() for t in (W[None], Q[None], H, G, F)))
     torch.testing.assert_close(got32[0].double(), direct, rtol=1e-4, atol=0)
+    Q_close = W + 1e-4 * torch.randn(W.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    direct_close = torch.linalg.norm(X @ W.T - Xt @ Q_close.T) / torch.linalg.norm(X @ W.T)
+    got_close = reconstruction_error(*(t.float() for t in (W[None], Q_close[None], H, G, F)))
+    torch.testing.assert_close(got_close[0].double(), direct_close, rtol=1e-3, atol=0)
+    H0, G0, F0 = stats(X, X)  # matched streams: the error is tiny, the expanded form's terms are not
+    direct_tiny = torch.linalg.norm(X @ W.T - X @ Q_close.T) / torch.linalg.norm(X @ W.T)
+    got_tiny = reconstruction_error(*(t.float() for t in (W[None], Q_close[None], H0, G0, F0)))
+    torch.testing.assert_close(got_tiny[0].double(), direct_tiny, rtol=1e-2, atol=0)
     # a perfect quantizer with X = X~ has zero error
     H0, G0, F0 = stats(X, X)
     assert float(reconstruction_error(W[None], W[None], H0, G0, F0)[0]) < 1e-6

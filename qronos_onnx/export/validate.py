@@ -175,7 +175,9 @@ def _spec_checks(model: ir.Model) -> list[ir.Node]:
             if t is not None and _TYPE_IR.get(t.dtype, 0) > irv:
                 _fail(f"initializer {v.name!r} has type {t.dtype.name}, which needs IR >= {_TYPE_IR[t.dtype]}; "
                       f"file has IR {irv}")
-    dqs = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")]
+    # weight DQs (constant codes); activation Q/DQ read runtime tensors and are checked by onnx.checker and onnxruntime
+    dqs = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")
+           and n.inputs[0] is not None and n.inputs[0].const_value is not None]
     for n in dqs:
         check_dq_node(n, opset, irv)
     for n in model.graph:

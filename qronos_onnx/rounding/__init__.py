@@ -15,9 +15,9 @@ from ..errors import SolverError
 from ..formats.grid import IntGrid
 from . import core, gpfq, gptq, qronos, rtn
 from .core import RoundingResult
-from .report import reconstruction_error
+from .report import reconstruction_error, reconstruction_errors
 
-__all__ = ["RoundingResult", "reconstruction_error", "round_weights"]
+__all__ = ["RoundingResult", "reconstruction_error", "reconstruction_errors", "round_weights"]
 
 
 @torch.no_grad()

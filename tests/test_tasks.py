@@ -385,3 +385,104 @@ def test_cli_eval_errors(tmp_path, capsys):
     assert rc == 2 and "does not exist" in capsys.readouterr().err
     rc = cli_main(["eval", str(tmp_path / "a.onnx"), "--task", "retrieval"])
     assert rc == 2 and "--tokenizer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ the bench driver
+
+
+def _bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "run.py"
+    spec = importlib.util.spec_from_file_location("bench_run", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+GRID = {"models": ["mnist", {"name": "smollm2", "formats": ["w3"], "algorithms": ["qronos"],
+                             "overrides": {"capture.reference": "local"}}],
+        "algorithms": ["rtn", "qronos"],
+        "formats": [{"name": "w4", "recipe": "w4"}, {"name": "w3", "recipe": "w3",
+                                                     "overrides": {"capture.samples": 8}}],
+        "anchors": {"mnist": {"w4": {"qronos": 0.99}}}}
+
+
+def test_bench_grid_expansion_and_config():
+    b = _bench()
+    cells = b.expand(GRID)
+    assert [c.id for c in cells] == ["mnist-float", "mnist-w4-rtn", "mnist-w4-qronos", "mnist-w3-rtn",
+                                     "mnist-w3-qronos", "smollm2-float", "smollm2-w3-qronos"]
+    cfg = b.cell_config(cells[-1])  # model defaults, then the format's and the model entry's overrides
+    assert (cfg.weights.bits, cfg.rounding.algorithm, cfg.capture.samples, cfg.capture.seq_len,
+            cfg.capture.reference) == (3, "qronos", 8, 256, "local")
+    with pytest.raises(SystemExit, match="unknown model"):
+        b.expand({**GRID, "models": ["resnet"]})
+    for name in ("smollm2", "mnist", "minilm", "smoke", "smollm2-ablation"):  # the shipped grids expand
+        assert b.expand(b.load_grid(name)[1])
+
+
+def _record(b, cell, metric, bits, extra=None):
+    rec = {"cell": cell.id, "model": cell.model, "format": cell.fmt, "algorithm": cell.algorithm, "bits": bits,
+           "group_size": 0, "output_bytes": 1000 if cell.algorithm == "float" else 150,
+           "machine": {"cpu": "x", "cores": 2, "ram_gib": 1, "os": "linux", "torch_threads": 2, "cuda": None},
+           "versions": {"torch": "t"}, "commit": "abc", "source": "def",
+           "eval": {"classify": {"metrics": {"top1": metric}, "accuracy_level": 0, "protocol": "p"}}}
+    if cell.algorithm != "float":
+        rec["quant"] = {"wall_s": 1.5, "cpu_s": 2.0, "timings": {"capture": 0.5, "rounding": 0.7, "export": 0.1},
+                        "peak_rss_mb": 900.0, "rss_before_quantize_mb": 300.0, "mean_rel_error": 0.1,
+                        "mean_rtn_rel_error": 0.2}
+    return rec
+
+
+def test_bench_report_table_plot_and_resume(tmp_path, capsys):
+    import argparse
+
+    b = _bench()
+    grid = {k: v for k, v in GRID.items()}
+    grid["models"] = ["mnist"]
+    cells = b.expand(grid)
+    res = tmp_path / "g"
+    res.mkdir()
+    values = {"mnist-float": 0.9905, "mnist-w4-rtn": 0.9901, "mnist-w4-qronos": 0.9904, "mnist-w3-rtn": 0.97}
+    for c in cells:
+        if c.id in values:
+            (res / f"{c.id}.json").write_text(json.dumps(_record(b, c, values[c.id], 4 if "w4" in c.id else 3)))
+    args = argparse.Namespace(results=str(tmp_path), accuracy_level=0, only=None, force=False, dry_run=True,
+                              work=str(tmp_path / "w"), cache=None, keep_models=False)
+    b.run_grid("g", grid, args)  # dry run: the four cells with JSON are done, one is left
+    out = capsys.readouterr().out
+    assert "5 cells, 1 to run (4 already done)" in out and "todo  mnist-w3-qronos" in out
+    md = b.write_report("g", grid, res, args).read_text()
+    assert "| w4 | 0.9905 | 0.9901 | 0.9904 (0.99) |" in md
+    assert "| w3 | 0.9905 | 0.9700 | - |" in md and "Not measured yet: mnist-w3-qronos" in md
+    assert "| w4-qronos | 1.5 | 2 | 0.5 | 0.7 | 0.1 | 900 | 300 | 0.0 | 0.150 |" in md
+    assert "commit abc (package source hash def)" in md and (tmp_path / "g.png").is_file()
+    import xml.etree.ElementTree as ET
+
+    by_id = {r["cell"]: r for r in b.load_records(res)}
+    svg = b.write_svg("g", by_id, {c.id: c for c in cells}, ["mnist"], tmp_path)
+    root = ET.parse(svg).getroot()  # well-formed, one polyline per algorithm
+    assert len([e for e in root.iter() if e.tag.endswith("polyline")]) == 2
+
+
+def test_bench_worker_measures_one_quantization(tmp_path):
+    from . import tiny_models as tm
+
+    b = _bench()
+    onnx.save(tm.residual_mlp(), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", **tm.mlp_inputs(4)[0])
+    from qronos_onnx.config import load_recipe
+
+    spec = {"model": str(tmp_path / "m.onnx"), "calib": str(tmp_path / "c.npz"), "output": str(tmp_path / "q.onnx"),
+            "tokenizer": None, "config": load_recipe("w4").override({"device": "cpu"}).to_dict(),
+            "result": str(tmp_path / "r.json")}
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    assert b.worker(str(tmp_path / "s.json")) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["n_weights"] > 0 and r["output_bytes"] == (tmp_path / "q.onnx").stat().st_size
+    assert r["peak_rss_mb"] >= r["rss_before_quantize_mb"] > 10 and r["wall_s"] > 0
+    assert r["config"]["weights"]["bits"] == 4

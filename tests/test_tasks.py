@@ -384,7 +384,9 @@ def test_cli_eval_errors(tmp_path, capsys):
     rc = cli_main(["eval", str(tmp_path / "a.onnx"), "--task", "classify", "--images", str(tmp_path / "no.npz")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
     rc = cli_main(["eval", str(tmp_path / "a.onnx"), "--task", "retrieval"])
-    assert rc == 2 and "--tokenizer" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # without the bench packages the first thing missing is the text, otherwise the tokenizer: both are one clear line
+    assert rc == 2 and ("--tokenizer" in err or "tools/assets.py install" in err), err
 
 
 # ------------------------------------------------------------------------------------------ the bench driver
@@ -460,7 +462,8 @@ def test_bench_report_table_plot_and_resume(tmp_path, capsys):
     assert "| w4 | 0.9905 | 0.9901 | 0.9904 (0.99) |" in md
     assert "| w3 | 0.9905 | 0.9700 | - |" in md and "Not measured yet: mnist-w3-qronos" in md
     assert "| w4-qronos | 1.5 | 2 | 0.5 | 0.7 | 0.1 | 900 | 300 | 0.0 | 0.150 |" in md
-    assert "commit abc (package source hash def)" in md and (tmp_path / "g.png").is_file()
+    assert "commit abc (package source hash def)" in md
+    assert (tmp_path / "g.png").is_file() or (tmp_path / "g.svg").is_file()  # png with matplotlib, else svg
     import xml.etree.ElementTree as ET
 
     by_id = {r["cell"]: r for r in b.load_records(res)}

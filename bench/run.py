@@ -136,7 +136,7 @@ def expand(grid: dict) -> list[Cell]:
             if fname not in formats:
                 raise SystemExit(f"bench/run.py: model {name!r} names format {fname!r}, not in the grid's formats")
             f = formats[fname]
-            for algo in entry.get("algorithms", grid["algorithms"]):
+            for algo in entry.get("algorithms", f.get("algorithms", grid["algorithms"])):
                 over = {**grid.get("overrides", {}), **f.get("overrides", {}), **entry.get("overrides", {})}
                 cells.append(Cell(name, fname, algo, over, f.get("recipe", "w4")))
     return cells
@@ -492,7 +492,11 @@ def _series(by_id: dict, cells: dict, model: str) -> tuple[dict[str, list[tuple[
         if c.algorithm == "float":
             continue
         g = r.get("group_size") or 0
-        key = c.algorithm + (f" g{g}" if g else "")
+        qc = r.get("quant", {}).get("config", {})
+        if qc.get("activations", {}).get("format", "none") != "none" or qc.get("weights", {}).get("format", "int") != "int":
+            key = f"{c.algorithm} {c.fmt}"  # weight-activation and MX/FP8 cells: one point each, not a bits line
+        else:
+            key = c.algorithm + (f" g{g}" if g else "")
         series.setdefault(key, []).append((int(r["bits"]), float(v)))
     fl = by_id.get(f"{model}-float")
     fv = fl["eval"][task]["metrics"][metric] if fl else None

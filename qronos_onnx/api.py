@@ -37,11 +37,13 @@ class LayerReport:
     algorithm: str
     rel_error: float  # ||XW - X~Q|| / ||XW|| from H, G, F
     rtn_rel_error: float  # the same for round-to-nearest on the same grid: what the algorithm bought
-    damping: float | None
+    damping: float | None  # the lam actually used (absolute)
     retries: int
     status: str
     seconds: float
     note: str = ""  # e.g. too few calibration tokens for the layer's width
+    alpha: float | None = None  # Qronos: the ridge relative to sigma_max(H) that was chosen
+    n_tokens: int = 0  # calibration tokens (or im2col patches) behind H and G
 
 
 @dataclass
@@ -190,8 +192,9 @@ def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig
         G = torch.cat([u.stats.G for u in batch]).to(device)
         F = torch.cat([u.stats.F for u in batch]).to(device)
         t0 = time.perf_counter()
+        n_tokens = [u.stats.n_tokens for u in batch for _ in range(u.W.shape[0])]
         res = round_weights(W.to(device), grid.to(device), H, G, cfg.rounding, act_quant=cfg.activations.enabled,
-                            seed=cfg.seed, device=device)
+                            seed=cfg.seed, n_tokens=n_tokens, device=device)
         seconds = (time.perf_counter() - t0) / len(batch)
         grid_d = grid.to(device)
         Q = grid_d.decode(res.codes.to(device).float())
@@ -224,6 +227,7 @@ def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig
                     damping=info.get("damping"), retries=int(info.get("retries", 0)),
                     status=str(info.get("status", "ok")), seconds=seconds,
                     note=_data_note(u.stats.n_tokens, u.W.shape[-1], cfg.rounding.algorithm),
+                    alpha=info.get("alpha"), n_tokens=int(u.stats.n_tokens),
                 ))
                 r0 += rows
             b0 += g
@@ -238,7 +242,7 @@ def _data_note(n_tokens: int, cols: int, algorithm: str) -> str:
     if algorithm == "rtn" or n_tokens >= TOKENS_PER_INPUT_WARNING * cols:
         return ""
     return (f"only {n_tokens} calibration tokens for {cols} inputs: the solution may overfit the calibration set; "
-            "use more samples or a larger --damping")
+            "use more samples (Qronos already raises its default ridge to 1e-3 sigma_max below 32 tokens per input)")
 
 
 def _merge_shared_inputs(units: list[_Unit]) -> list[_Unit]:

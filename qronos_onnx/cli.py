@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=int, help="use at most this many calibration samples")
     q.add_argument("--seq-len", type=int, help="window length in tokens for text calibration data")
     q.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json for text calibration data")
+    q.add_argument("--special-tokens", action="store_true", default=None,
+                   help="text calibration: wrap each window in the tokenizer's special tokens ([CLS] ... [SEP]), "
+                        "as encoders see them at run time")
     q.add_argument("--seed", type=int, help="seed for sampling windows and the solver's power iteration")
     q.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the rounding math runs")
     q.add_argument("--reference", choices=REFERENCE_MODES,
@@ -118,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         "activations.percentile": args.act_percentile,
         "capture.samples": args.samples,
         "capture.seq_len": args.seq_len,
+        "capture.special_tokens": args.special_tokens,
         "capture.reference": args.reference,
         "capture.max_memory": parse_bytes(args.max_memory, "--max-memory") if args.max_memory else None,
         "rounding.damping": args.damping,

@@ -177,6 +177,7 @@ class CaptureConfig:
     samples: int | None = None  # use at most this many calibration samples (None: all)
     seq_len: int = 256  # window length when calibration data is text
     batch_size: int = 1  # calibration samples per onnxruntime call
+    special_tokens: bool = False  # text: wrap each window in the tokenizer's special tokens ([CLS] ... [SEP])
 
     def validate(self) -> None:
         _choice("capture.reference", self.reference, REFERENCE_MODES)
@@ -188,6 +189,8 @@ class CaptureConfig:
             raise ConfigError(f"capture.seq_len must be an integer >= 2, got {self.seq_len!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"capture.batch_size must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.special_tokens, bool):
+            raise ConfigError(f"capture.special_tokens must be true or false, got {self.special_tokens!r}")
 
 
 @dataclass

@@ -285,6 +285,50 @@ def test_text_tokenizer_directory(text_file, tokenizer_json):
     np.testing.assert_array_equal(calib[1]["input_ids"][0], ids[start:start + 16])
 
 
+@pytest.fixture(scope="module")
+def bert_tokenizer_json(tmp_path_factory):
+    """A tokenizer that puts [CLS] ... [SEP] around every text, as BERT-style encoders' tokenizers do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[CLS]", "[SEP]"]))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1),
+                                                                                               ("[SEP]", 2)])
+    path = tmp_path_factory.mktemp("bert_tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_text_special_tokens_wrap_every_window(text_file, bert_tokenizer_json, tokenizer_json):
+    """Encoders always see [CLS] ... [SEP]; with special_tokens the calibration windows do too, seq_len in all."""
+    model = text_model(inputs=("input_ids", "attention_mask"))
+    ids = encode(bert_tokenizer_json, text_file.read_text())
+    plain = load_calibration(text_file, model, samples=3, seed=1, seq_len=16, tokenizer=bert_tokenizer_json)
+    assert all(1 not in s["input_ids"] and 2 not in s["input_ids"] for s in plain)  # off by default
+    calib = load_calibration(text_file, model, samples=3, seed=1, seq_len=16, tokenizer=bert_tokenizer_json,
+                             special_tokens=True)
+    for sample, start in zip(calib, window_starts(ids.size, 14, 3, 1)):
+        np.testing.assert_array_equal(sample["input_ids"][0], [1, *ids[start:start + 14], 2])
+        np.testing.assert_array_equal(sample["attention_mask"], np.ones((1, 16), np.int64))
+    assert "1 + 14 + 1" in calib.source
+    # a directory holding tokenizer.json takes the same path
+    again = load_calibration(text_file, model, samples=3, seed=1, seq_len=16, tokenizer=bert_tokenizer_json.parent,
+                             special_tokens=True)
+    np.testing.assert_array_equal(again[2]["input_ids"], calib[2]["input_ids"])
+    bad("adds no special tokens", text_file, model, seq_len=16, tokenizer=tokenizer_json, special_tokens=True)
+    # the CLI flag and the recipe key reach the loader as capture.special_tokens
+    from qronos_onnx.cli import build_parser, config_from_args
+    from qronos_onnx.config import ConfigError, QuantConfig
+
+    args = build_parser().parse_args(["quantize", "m", "--calib", "c", "-o", "o", "--special-tokens"])
+    assert config_from_args(args).capture.special_tokens is True
+    assert QuantConfig().capture.special_tokens is False
+    with pytest.raises(ConfigError, match="special_tokens"):
+        QuantConfig().override({"capture.special_tokens": "yes"})
+    bad("no room for text", text_file, model, seq_len=2, tokenizer=bert_tokenizer_json, special_tokens=True)
+
+
 # --- bad input: one test each -----------------------------------------------------------------------------------------
 
 def bad(match: str, source, model, **kw):

@@ -85,7 +85,7 @@ class _Reader:
 
 
 def load_calibration(source, model: ir.Model, *, samples: int | None = None, seed: int = 0, seq_len: int = 256,
-                     tokenizer: str | os.PathLike | None = None) -> CalibrationSet:
+                     tokenizer: str | os.PathLike | None = None, special_tokens: bool = False) -> CalibrationSet:
     """Build and validate the calibration feeds for ``model`` from ``source`` (see the module docstring)."""
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
         raise ConfigError(f"samples must be a positive integer or None, got {samples!r}")
@@ -100,7 +100,7 @@ def load_calibration(source, model: ir.Model, *, samples: int | None = None, see
         if not path.exists():
             raise CalibrationError(f"calibration source {str(path)!r} does not exist")
         if path.suffix.lower() in TEXT_SUFFIXES and path.is_file():
-            feeds, desc, _ = text_samples(path, model, specs, tokenizer, samples, seed, seq_len)
+            feeds, desc, _ = text_samples(path, model, specs, tokenizer, samples, seed, seq_len, special_tokens)
             return CalibrationSet(feeds, desc, specs, _count_tokens(feeds))
         if tokenizer is not None:
             log.warning("tokenizer %r is ignored: calibration source %r is not a text file", str(tokenizer), str(path))

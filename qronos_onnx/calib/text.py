@@ -6,6 +6,8 @@ Window rule (the Brevitas LLM example's sampler, so results compare with ``docs/
   draws exactly what the seeded module-level ``random`` would, without touching the global generator.
 - ``samples`` is None: consecutive non-overlapping windows from token 0; a tail shorter than seq_len is dropped.
 The whole text is tokenized in one call, without special tokens (no BOS), as the anchors protocol does.
+``special_tokens`` (for encoders such as BERT, which always see [CLS] ... [SEP]) wraps every window in the
+tokenizer's own special tokens; the windows are then cut with seq_len minus those tokens.
 """
 from __future__ import annotations
 
@@ -75,10 +77,24 @@ def read_text(path: Path) -> str:
 
 @dataclass
 class Encoder:
-    """A loaded tokenizer reduced to what calibration needs: text -> token ids."""
+    """A loaded tokenizer reduced to what calibration needs: text -> token ids (without special tokens), and the
+    special tokens it puts around one text (e.g. [CLS] ... [SEP] for BERT-style encoders)."""
 
     name: str
     encode: Callable[[str], list[int]]
+    encode_special: Callable[[str], list[int]] | None = None  # the same text with the tokenizer's special tokens
+
+    def special_wrap(self) -> tuple[list[int], list[int]]:
+        """(prefix, suffix) special-token ids the tokenizer adds around a text, found by encoding a probe both ways."""
+        if self.encode_special is None:
+            return [], []
+        probe = "calibration"
+        plain, full = self.encode(probe), self.encode_special(probe)
+        for i in range(len(full) - len(plain) + 1):
+            if full[i:i + len(plain)] == plain:
+                return full[:i], full[i + len(plain):]
+        raise CalibrationError(f"tokenizer {self.name!r}: cannot locate the text among its special tokens "
+                               f"({plain} within {full})")
 
 
 def load_tokenizer(spec: str | os.PathLike) -> Encoder:
@@ -100,10 +116,10 @@ def load_tokenizer(spec: str | os.PathLike) -> Encoder:
         raise CalibrationError(f"cannot load a tokenizer from directory {str(path)!r} ({_first_line(err)}); expected "
                                f"a Hugging Face tokenizer directory or a tokenizer.json file") from None
 
-    def encode(text: str) -> list[int]:
-        return list(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+    def encode(text: str, special: bool = False) -> list[int]:
+        return list(tok(text, add_special_tokens=special, verbose=False)["input_ids"])
 
-    return Encoder(str(path), encode)
+    return Encoder(str(path), encode, lambda text: encode(text, True))
 
 
 def _tokenizers_file(path: Path) -> Encoder:
@@ -114,7 +130,8 @@ def _tokenizers_file(path: Path) -> Encoder:
     except Exception as err:
         raise CalibrationError(f"cannot load tokenizer file {str(path)!r} ({_first_line(err)}); expected a "
                                f"tokenizers tokenizer.json") from None
-    return Encoder(str(path), lambda text: tok.encode(text, add_special_tokens=False).ids)
+    return Encoder(str(path), lambda text: tok.encode(text, add_special_tokens=False).ids,
+                   lambda text: tok.encode(text, add_special_tokens=True).ids)
 
 
 def _first_line(err: Exception) -> str:
@@ -163,8 +180,14 @@ def embedding_rows(model: ir.Model) -> tuple[str, int] | None:
 
 
 def text_samples(path: Path, model: ir.Model, specs: Sequence[InputSpec], tokenizer: str | os.PathLike | None,
-                 samples: int | None, seed: int, seq_len: int) -> tuple[list[dict[str, np.ndarray]], str, int]:
-    """Feeds for a text file: (samples, description, tokens in the stream)."""
+                 samples: int | None, seed: int, seq_len: int,
+                 special_tokens: bool = False) -> tuple[list[dict[str, np.ndarray]], str, int]:
+    """Feeds for a text file: (samples, description, tokens in the stream).
+
+    ``special_tokens``: every window is wrapped in the tokenizer's special tokens (seq_len in all), so that an encoder
+    that always sees [CLS] ... [SEP] at run time is calibrated on the same positions; the windows are cut from the
+    text as usual, with seq_len minus the special tokens each.
+    """
     if tokenizer is None:
         raise CalibrationError(f"text calibration file {str(path)!r} needs a tokenizer (a local Hugging Face tokenizer "
                                f"directory or a tokenizer.json file)")
@@ -173,7 +196,15 @@ def text_samples(path: Path, model: ir.Model, specs: Sequence[InputSpec], tokeni
     text = read_text(path)
     ids = np.asarray(encoder.encode(text), dtype=np.int64)
     n = int(ids.size)
-    need = seq_len if samples is None else seq_len + 1
+    prefix, suffix = encoder.special_wrap() if special_tokens else ([], [])
+    if special_tokens and not (prefix or suffix):
+        raise CalibrationError(f"special_tokens is on, but tokenizer {encoder.name!r} adds no special tokens to a text; "
+                               f"turn it off (the windows would be unchanged)")
+    inner = seq_len - len(prefix) - len(suffix)
+    if inner < 1:
+        raise CalibrationError(f"seq_len={seq_len} leaves no room for text between the tokenizer's "
+                               f"{len(prefix) + len(suffix)} special tokens")
+    need = inner if samples is None else inner + 1
     if n < need:
         raise CalibrationError(f"text file {str(path)!r} gives {n} tokens with tokenizer {encoder.name!r}; one window "
                                f"of seq_len={seq_len} needs at least {need}")
@@ -182,13 +213,14 @@ def text_samples(path: Path, model: ir.Model, specs: Sequence[InputSpec], tokeni
         raise CalibrationError(f"tokenizer {encoder.name!r} produces token id {int(ids.max())}, but the model's "
                                f"embedding {rows[0]!r} has only {rows[1]} rows: is it the model's tokenizer?")
     by_name = {s.name: s for s in specs}
-    starts = window_starts(n, seq_len, samples, seed)
+    starts = window_starts(n, inner, samples, seed)
+    head, tail = np.asarray(prefix, dtype=np.int64), np.asarray(suffix, dtype=np.int64)
     feeds = []
     for i, start in enumerate(starts):
         feed = {}
         for name, spec in by_name.items():
             if name == "input_ids":
-                arr = ids[start:start + seq_len]
+                arr = np.concatenate([head, ids[start:start + inner], tail])
             elif name == "attention_mask":
                 arr = np.ones(seq_len)
             elif name == "position_ids":
@@ -200,4 +232,6 @@ def text_samples(path: Path, model: ir.Model, specs: Sequence[InputSpec], tokeni
     rule = (f"{len(starts)} random windows (seed {seed})" if samples is not None
             else f"{len(starts)} consecutive windows")
     desc = f"text {str(path)!r}, {n} tokens with tokenizer {encoder.name!r}, {rule} of {seq_len} tokens"
+    if special_tokens:
+        desc += f" (each {len(prefix)} + {inner} + {len(suffix)}: the tokenizer's special tokens around the text)"
     return feeds, desc, n

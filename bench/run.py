@@ -493,8 +493,10 @@ def _series(by_id: dict, cells: dict, model: str) -> tuple[dict[str, list[tuple[
             continue
         g = r.get("group_size") or 0
         qc = r.get("quant", {}).get("config", {})
-        if qc.get("activations", {}).get("format", "none") != "none" or qc.get("weights", {}).get("format", "int") != "int":
-            key = f"{c.algorithm} {c.fmt}"  # weight-activation and MX/FP8 cells: one point each, not a bits line
+        ablation = any(not k.startswith("weights.") for k in c.overrides)  # e.g. other calibration data
+        if (qc.get("activations", {}).get("format", "none") != "none"
+                or qc.get("weights", {}).get("format", "int") != "int" or ablation):
+            key = f"{c.algorithm} {c.fmt}"  # weight-activation, MX/FP8 and ablation cells: points, not a bits line
         else:
             key = c.algorithm + (f" g{g}" if g else "")
         series.setdefault(key, []).append((int(r["bits"]), float(v)))
@@ -515,12 +517,22 @@ def write_plot(name: str, grid: dict, by_id: dict, cells: dict, out_dir: Path) -
         import matplotlib.pyplot as plt
     except ImportError:
         return write_svg(name, by_id, cells, models, out_dir)
-    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 4.2), squeeze=False)
+    algo_color = {"rtn": "C0", "gptq": "C1", "gpfq": "C2", "qronos": "C3"}
+    point_markers = ["s", "^", "D", "v", "P", "X", "*", "h"]
     for ax, model in zip(axes[0], models):
         series, fv = _series(by_id, cells, model)
         task, metric = MODELS[model].primary
+        extras = sorted({k.split(" ", 1)[1] for k in series if " " in k and not k.split(" ", 1)[1].startswith("g")})
         for key, pts in series.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+            algo, _, rest = key.partition(" ")
+            color = algo_color.get(algo)
+            if rest and not rest.startswith("g"):  # a weight-activation / MX cell: one marker per format
+                marker = point_markers[extras.index(rest) % len(point_markers)]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], ls="none", marker=marker, color=color, label=key)
+            else:  # weight-only INT: a line over the bits, dashed for grouped scales
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, ls="--" if rest else "-",
+                        label=key)
         if fv is not None:
             ax.axhline(fv, color="k", ls="--", lw=1, label="float")
         if metric == "ppl":
@@ -532,7 +544,7 @@ def write_plot(name: str, grid: dict, by_id: dict, cells: dict, out_dir: Path) -
         if bits:
             ax.set_xticks(bits)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if len(series) < 14 else 2)
     fig.tight_layout()
     path = out_dir / f"{name}.png"
     fig.savefig(path, dpi=110)

@@ -100,8 +100,8 @@ def test_minilm_w8_qronos_within_002_of_float(tmp_path):
 
 @pytest.mark.realmodel
 def test_smollm2_w4_qronos_beats_rtn(tmp_path):
-    """The anchors protocol at W4 asym per-channel: Qronos ppl < RTN ppl, and within 1.45x of float (the Brevitas
-    anchor is 20.30 / 15.58 = 1.30x; RTN is 43.65)."""
+    """The anchors protocol at W4 asym per-channel: Qronos ppl < RTN ppl and below Brevitas' own Qronos anchor on the
+    same protocol (20.30; measured 19.59 in bench/results/smollm2.md, RTN 28.22)."""
     if not cache.smollm2_ready():
         pytest.skip(f"no exported SmolLM2 under {cache.smollm2_paths().dir}: run `python tools/assets.py smollm2`")
     p, w = cache.smollm2_paths(), cache.wikileads_paths()
@@ -116,4 +116,4 @@ def test_smollm2_w4_qronos_beats_rtn(tmp_path):
         ppl[algo] = evaluate(out, ["ppl"], opts)["ppl"]["metrics"]["ppl"]
         out.unlink()
     assert ppl["qronos"] < ppl["rtn"], ppl
-    assert ppl["qronos"] < 1.45 * ppl["float"], ppl
+    assert ppl["qronos"] < 20.30, ppl  # docs/anchors.md: Brevitas 0.13.4 Qronos W4 per-channel

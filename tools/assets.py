@@ -341,9 +341,13 @@ def cmd_mnist(args: argparse.Namespace) -> None:
 
         paths.dir.mkdir(parents=True, exist_ok=True)
         tmp = paths.onnx.with_name(paths.onnx.stem + ".partial.onnx")
-        torch.onnx.export(cnn, (torch.from_numpy(norm(xtr[:2])),), str(tmp), input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+        import warnings
+
+        with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes are expected here
+            warnings.simplefilter("ignore")
+            torch.onnx.export(cnn, (torch.from_numpy(norm(xtr[:2])),), str(tmp), input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                              opset_version=17, dynamo=False)
         tmp.replace(paths.onnx)
         x = norm(xte)
         with torch.no_grad():

@@ -12,6 +12,10 @@ wall time are its own; the evaluation then runs in this process. Every cell's fi
 skipped (resumable), ``--force`` redoes it. Quantized models are written under the work folder (default
 ``~/.cache/qronos-onnx/bench/<grid>``) and deleted after evaluation unless ``--keep-models``.
 
+A grid names ``models``, ``algorithms`` and ``formats``; each format has a ``name`` and a ``recipe`` and may add
+``overrides`` (QuantConfig dotted keys), its own ``algorithms``, a ``note``, and ``ablation: true`` (a variant such
+as other calibration data, plotted as separate points rather than on the bits line).
+
 The bench models and their protocols are defined in ``MODELS`` below (docs/benchmarks.md has the prose); the assets
 come from ``tools/assets.py`` (``python tools/assets.py smollm2|wikileads|minilm|mnist``).
 """
@@ -101,6 +105,7 @@ class Cell:
     algorithm: str  # "float" for the unquantized model
     overrides: dict = field(default_factory=dict)  # QuantConfig dotted keys
     recipe: str = "w4"
+    ablation: bool = False  # grid format key `ablation: true` (e.g. other calibration data): a point in the plot
 
     @property
     def id(self) -> str:
@@ -138,7 +143,7 @@ def expand(grid: dict) -> list[Cell]:
             f = formats[fname]
             for algo in entry.get("algorithms", f.get("algorithms", grid["algorithms"])):
                 over = {**grid.get("overrides", {}), **f.get("overrides", {}), **entry.get("overrides", {})}
-                cells.append(Cell(name, fname, algo, over, f.get("recipe", "w4")))
+                cells.append(Cell(name, fname, algo, over, f.get("recipe", "w4"), bool(f.get("ablation", False))))
     return cells
 
 
@@ -493,9 +498,8 @@ def _series(by_id: dict, cells: dict, model: str) -> tuple[dict[str, list[tuple[
             continue
         g = r.get("group_size") or 0
         qc = r.get("quant", {}).get("config", {})
-        ablation = any(not k.startswith("weights.") for k in c.overrides)  # e.g. other calibration data
         if (qc.get("activations", {}).get("format", "none") != "none"
-                or qc.get("weights", {}).get("format", "int") != "int" or ablation):
+                or qc.get("weights", {}).get("format", "int") != "int" or c.ablation):
             key = f"{c.algorithm} {c.fmt}"  # weight-activation, MX/FP8 and ablation cells: points, not a bits line
         else:
             key = c.algorithm + (f" g{g}" if g else "")

@@ -470,6 +470,12 @@ def test_bench_report_table_plot_and_resume(tmp_path, capsys):
     svg = b.write_svg("g", by_id, {c.id: c for c in cells}, ["mnist"], tmp_path)
     root = ET.parse(svg).getroot()  # well-formed, one polyline per algorithm
     assert len([e for e in root.iter() if e.tag.endswith("polyline")]) == 2
+    # a format marked `ablation: true` in the grid is plotted as its own points, not as part of the bits line
+    import dataclasses
+
+    marked = {c.id: dataclasses.replace(c, ablation=(c.fmt == "w3")) for c in cells}
+    series, _ = b._series(by_id, marked, "mnist")
+    assert sorted(series) == ["qronos", "rtn", "rtn w3"] and series["rtn"] == [(4, 0.9901)]
 
 
 def test_bench_worker_measures_one_quantization(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from .export.qdq import default_opset, ir_version_for_opset, upgrade_opset
 from .formats import IntGrid, QuantizedWeight, make_grid
 from .graph.io import check_output_path, save_model
 from .graph.model import load_model
+from .graph.rotate import rotate_inputs
 from .graph.targets import Target, find_targets, weight_matrix
 from .rounding import reconstruction_errors, round_weights
 
@@ -82,11 +84,16 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     out = check_output_path(model_path, output_path, overwrite)
     model = load_model(model_path)
     targets = find_targets(model, cfg.exclude)
+    exclude = list(cfg.exclude)
+    if cfg.transforms.rotate == "hadamard" and targets:
+        rotations = rotate_inputs(model, targets, seed=cfg.seed)
+        exclude += [f"^{re.escape(name)}$" for name in rotations]  # the rotations stay float
+        targets = find_targets(model, exclude)
     act_opset = required_opset(cfg.activations, sorted({np.dtype(t.weight_dtype).name for t in targets}))
     if targets and default_opset(model) < act_opset:  # the activation subgraphs run inside the capture's segments
         upgrade_opset(model, act_opset)
         model.ir_version = max(int(model.ir_version or 0), ir_version_for_opset(act_opset))
-        targets = find_targets(model, cfg.exclude)
+        targets = find_targets(model, exclude)
     if not targets:
         raise ModelError(
             f"model {str(model_path)!r} has no quantizable node (MatMul/Gemm/Conv with a constant float weight)"
@@ -126,6 +133,7 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         "quant.reference": cfg.capture.reference,
         "quant.calibration_samples": str(len(samples)),
         "quant.act_format": "none",
+        "quant.rotation": cfg.transforms.rotate,
         **(acts.metadata() if acts else {}),
     }
     export_model(model, quantized, targets, dialect=cfg.export.dialect, metadata=metadata,

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--reduce-range", action="store_true", default=None,
                    help="7-bit integer weights: onnxruntime's u8 x s8 W8A8 kernels saturate with full-range int8 "
                         "weights on x86 CPUs without VNNI")
+    q.add_argument("--rotate", action="store_const", const="hadamard", default=None,
+                   help="rotate every MatMul/Gemm input by a randomized Hadamard (online, kept in float) before "
+                        "quantizing: spreads activation outliers, what INT4 activations need on LLMs")
     q.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
                    help="regular expression on node names to leave in float (repeatable)")
     q.add_argument("--samples", type=int, help="use at most this many calibration samples")
@@ -122,6 +125,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         "capture.samples": args.samples,
         "capture.seq_len": args.seq_len,
         "capture.special_tokens": args.special_tokens,
+        "transforms.rotate": args.rotate,
         "capture.reference": args.reference,
         "capture.max_memory": parse_bytes(args.max_memory, "--max-memory") if args.max_memory else None,
         "rounding.damping": args.damping,

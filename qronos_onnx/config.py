@@ -208,6 +208,21 @@ class ExportConfig:
             raise ConfigError(f"export.accuracy_level must be 0, 1, 2, 3 or 4, got {self.accuracy_level!r}")
 
 
+ROTATIONS = ("none", "hadamard")
+
+
+@dataclass
+class TransformConfig:
+    """Graph transforms applied to the float model before anything is captured. ``rotate: hadamard`` puts a
+    randomized Hadamard rotation in front of every MatMul / Gemm input (graph/rotate.py): what INT4 activations
+    need on LLMs."""
+
+    rotate: str = "none"
+
+    def validate(self) -> None:
+        _choice("transforms.rotate", self.rotate, ROTATIONS)
+
+
 @dataclass
 class QuantConfig:
     weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
@@ -215,12 +230,13 @@ class QuantConfig:
     rounding: RoundingConfig = field(default_factory=RoundingConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    transforms: TransformConfig = field(default_factory=TransformConfig)
     exclude: list[str] = field(default_factory=list)  # regular expressions matched against node names
     device: str = "auto"
     seed: int = 0
 
     def validate(self) -> "QuantConfig":
-        for section in (self.weights, self.activations, self.rounding, self.capture, self.export):
+        for section in (self.weights, self.activations, self.rounding, self.capture, self.export, self.transforms):
             section.validate()
         _choice("device", self.device, DEVICES)
         if not isinstance(self.seed, int):
@@ -286,6 +302,7 @@ _SECTIONS = {
     "rounding": RoundingConfig,
     "capture": CaptureConfig,
     "export": ExportConfig,
+    "transforms": TransformConfig,
 }
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30,

@@ -104,6 +104,10 @@ def test_rotation_rescues_int4_activations_with_an_outlier_channel(tmp_path):
 
 
 def test_rotate_option_is_validated():
+    from qronos_onnx.cli import build_parser, config_from_args
+
     assert QuantConfig().transforms.rotate == "none"
+    args = build_parser().parse_args(["quantize", "m", "--calib", "c", "-o", "o", "--w4a4", "--rotate"])
+    assert config_from_args(args).transforms.rotate == "hadamard"
     with pytest.raises(ConfigError, match="transforms.rotate"):
         QuantConfig().override({"transforms.rotate": "givens"})

@@ -43,6 +43,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from ..errors import ExportError
+from ..graph.model import graph_names
 from ..formats.elements import E2M1, E4M3, MX_BLOCK
 from .qdq import CONTAINERS, container_for
 
@@ -239,16 +240,6 @@ def build_quantizer(graph: ir.Graph, x: ir.Value, q: ActQuantizer, taken: set[st
     if x.shape is not None:
         y.shape = x.shape
     return e.nodes, y
-
-
-def graph_names(graph: ir.Graph) -> set[str]:
-    """Every value and node name of ``graph`` and its subgraphs (new names must avoid them all)."""
-    names = {v.name for v in list(graph.inputs) + list(graph.outputs) + list(graph.initializers.values()) if v.name}
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        if node.name:
-            names.add(node.name)
-        names.update(v.name for v in list(node.inputs) + list(node.outputs) if v is not None and v.name)
-    return names
 
 
 def insert_activation_quantizers(graph: ir.Graph, quantizers: Mapping[str, ActQuantizer]) -> list[ir.Value]:

@@ -42,3 +42,13 @@ def read_initializer(value: ir.Value):
         raise ModelError(f"external data of tensor {value.name!r} is missing: {err}") from None
     except Exception as err:
         raise ModelError(f"cannot read tensor {value.name!r}: {err}") from None
+
+
+def graph_names(graph: ir.Graph) -> set[str]:
+    """Every value and node name of ``graph`` and its subgraphs (new names must avoid them all)."""
+    names = {v.name for v in list(graph.inputs) + list(graph.outputs) + list(graph.initializers.values()) if v.name}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.name:
+            names.add(node.name)
+        names.update(v.name for v in list(node.inputs) + list(node.outputs) if v is not None and v.name)
+    return names

@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import ModelError
+from .model import graph_names
 from .targets import Target
 
 ROTATION_PREFIX = "qronos_rotate"
@@ -52,10 +53,7 @@ def rotate_inputs(model: ir.Model, targets: list[Target], seed: int = 0) -> list
     for t in targets:
         if t.op_type in ("MatMul", "Gemm"):
             by_input.setdefault(t.input_name, []).append(t)
-    taken = {v.name for v in graph.initializers.values()} | {n.name for n in graph}
-    for node in graph:
-        taken.update(v.name for v in node.outputs if v is not None and v.name)
-    taken.update(v.name for v in graph.inputs)
+    taken = graph_names(graph)
 
     def fresh(base: str) -> str:
         name, k = base, 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qronos_onnx.config import RoundingConfig, WeightQuantConfig  # noqa: E402
 from qronos_onnx.formats.grid import make_int_grid  # noqa: E402
+from bench.machine_info import cpu_name  # noqa: E402
 from qronos_onnx.rounding import core, round_weights  # noqa: E402
 
 LLAMA_1B = ["2048x2048", "8192x2048", "2048x8192"]  # q/o_proj, up/gate_proj, down_proj
@@ -93,15 +93,7 @@ def breakdown(W, grid, H, G, device) -> list[str]:
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, {os.cpu_count()} visible cores"
+    return f"{cpu_name()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} visible cores"
 
 
 def main(argv=None) -> int:

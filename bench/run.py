@@ -42,6 +42,8 @@ if str(REPO) not in sys.path:
 
 import yaml  # noqa: E402
 
+from bench.machine_info import cpu_name  # noqa: E402
+
 GRIDS = REPO / "bench" / "grids"
 RESULTS = REPO / "bench" / "results"
 
@@ -161,14 +163,7 @@ def cell_config(cell: Cell):
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     mem = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -22,13 +22,7 @@ from qronos_onnx.rounding import core, gpfq, gptq, qronos, reconstruction_error,
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one thread is faster, and immune to OpenMP spin-waits when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------------- problems

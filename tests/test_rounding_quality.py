@@ -25,13 +25,7 @@ from .test_rounding import make_problem, stats
 ALGORITHMS = ("rtn", "gptq", "gpfq", "qronos")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one thread is faster, and immune to OpenMP spin-waits when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def mean_errors(bits: int, group_size: int, drift: float, seeds: int = 16) -> dict[str, float]:

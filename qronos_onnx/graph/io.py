@@ -48,10 +48,59 @@ def _writable_dir(path: Path) -> Path:
     return d
 
 
-def check_output_path(model_path: str | Path, out_path: str | Path, overwrite: bool) -> Path:
-    """Refuse outputs that would overwrite the input, an existing file (unless ``overwrite``) or an unwritable folder.
+def output_files(out: str | Path) -> dict[str, Path]:
+    """Every file a run writes for output ``out``: the model, its external data and the two sidecars."""
+    out = Path(out)
+    return {"output model": out, "external data file": data_path_for(out),
+            "config sidecar": out.with_name(out.name + ".config.yaml"),
+            "report sidecar": out.with_name(out.name + ".report.json")}
 
-    Returns the output path (absolute). Missing parent folders are accepted when they can be created.
+
+def run_inputs(model_path: str | Path, model: ir.Model | None = None, calib=None,
+               tokenizer: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
+    """(role, path) of everything a run reads from disk: no output file may ever resolve to one of them."""
+    inputs: list[tuple[str, Path]] = [("input model", Path(model_path))]
+    if model is not None:
+        inputs += [("external data of the input model", p) for p in sorted(external_sources(model))]
+    for role, spec in (("calibration", calib), ("tokenizer", tokenizer)):
+        if isinstance(spec, (str, os.PathLike)) and Path(spec).exists():
+            path = Path(spec)
+            if path.is_dir():
+                inputs.append((f"{role} directory", path))
+                inputs += [(f"{role} file", p) for p in sorted(path.iterdir()) if p.is_file()]
+            else:
+                inputs.append((f"{role} file", path))
+    return inputs
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except OSError:
+        return path.absolute()
+
+
+def _collision(dst: Path, role: str, src: Path) -> str | None:
+    """Why writing ``dst`` would destroy input ``src`` (None when it would not)."""
+    if src.is_dir():
+        if dst.exists() and _same_file(dst, src) or _resolved(dst) == _resolved(src):
+            return f"is the {role} {str(src)!r}"
+        if role == "calibration directory" and dst.suffix.lower() == ".npz" and not dst.exists() \
+                and _resolved(dst).parent == _resolved(src):
+            return f"would add a calibration file to the {role} {str(src)!r}"
+        return None
+    if (dst.exists() or dst.is_symlink()) and _same_file(dst, src) or _resolved(dst) == _resolved(src):
+        return f"is the {role} {str(src)!r}"
+    return None
+
+
+def check_output_path(model_path: str | Path, out_path: str | Path, overwrite: bool,
+                      inputs: list[tuple[str, Path]] | None = None) -> Path:
+    """Refuse outputs that would overwrite an input, an existing file (unless ``overwrite``) or an unwritable folder.
+
+    Every file the run writes (``output_files``) is checked against every input (``run_inputs``; the model alone when
+    ``inputs`` is None) through symlinks, hard links and relative paths, whatever ``overwrite`` says. Returns the
+    output path (absolute). Missing parent folders are accepted when they can be created.
     """
     model_path, out = Path(model_path), Path(out_path)
     if str(out_path) == "" or out.name in ("", ".", ".."):
@@ -63,8 +112,22 @@ def check_output_path(model_path: str | Path, out_path: str | Path, overwrite: b
     if _same_file(data_path_for(out), model_path):
         raise ExportError(f"output path {str(out)!r} would write its external data over the input model "
                           f"{str(model_path)!r}; choose a different output name")
-    if out.exists() and not overwrite:
-        raise ExportError(f"output file {str(out)!r} already exists; pass --overwrite (overwrite=True) to replace it")
+    files = output_files(out)
+    for kind, dst in files.items():
+        for role, src in inputs if inputs is not None else [("input model", model_path)]:
+            why = _collision(dst, role, src)
+            if why:
+                what = f"output path {str(out)!r}" if kind == "output model" else \
+                    f"the {kind} {str(dst)!r} of output {str(out)!r}"
+                raise ExportError(f"{what} {why}; inputs are never overwritten: choose a different output name")
+    if not overwrite:
+        for kind, dst in files.items():
+            if dst.exists() or dst.is_symlink():
+                if kind == "output model":
+                    raise ExportError(f"output file {str(dst)!r} already exists; pass --overwrite (overwrite=True) "
+                                      f"to replace it")
+                raise ExportError(f"{kind} {str(dst)!r} of output {str(out)!r} already exists; pass --overwrite "
+                                  f"(overwrite=True) to replace it")
     parent = out.absolute().parent
     base = _writable_dir(parent)
     if not base.is_dir():
@@ -134,6 +197,120 @@ def _write(model: ir.Model, path: Path, external: bool) -> None:
             ir.save(model, path)
 
 
+class OutputStage:
+    """A private folder beside the output: the model, its data and its sidecars are written and checked there, and
+    replace anything under their final names only in ``commit()``. Leaving the ``with`` block without a commit (an
+    error, a failed validation, Ctrl-C) removes the folder and leaves every existing file as it was.
+    """
+
+    def __init__(self, path: str | Path, *, overwrite: bool = False):
+        self.out = out = Path(path).absolute()
+        self.overwrite = overwrite
+        if out.exists() and out.is_dir():
+            raise ExportError(f"output path {str(out)!r} is a directory; give a file name such as model.q.onnx")
+        if out.exists() and not overwrite:
+            raise ExportError(f"output file {str(out)!r} already exists; pass --overwrite (overwrite=True) to "
+                              f"replace it")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        except OSError as err:
+            raise ExportError(f"cannot write into output folder {str(out.parent)!r}: {err.strerror or err}") from None
+        self.model_path = self.dir / out.name  # same name as the output: relative external-data references hold
+        self._has_model = self._has_data = False
+        self._sources: set[Path] = set()
+        self._texts: list[Path] = []
+
+    def __enter__(self) -> "OutputStage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def write_model(self, model: ir.Model, external_data: bool | None = None) -> Path:
+        """Serialize ``model`` into the stage; returns the staged path (validate it there before ``commit``)."""
+        out, data = self.out, data_path_for(self.out)
+        self._sources = sources = external_sources(model)
+        for src in sources:
+            for dst in (out, data):
+                if _same_file(src, dst):
+                    raise ExportError(f"cannot write {str(dst)!r}: the model being saved still reads its external "
+                                      f"data from that file; choose a different output path")
+        nbytes = model_tensor_bytes(model)
+        external = external_data if external_data is not None else nbytes > EXTERNAL_DATA_THRESHOLD_BYTES
+        if not external and nbytes > PROTOBUF_LIMIT_BYTES:
+            raise ExportError(f"model for {str(out)!r} holds {nbytes / 2**30:.2f} GiB of tensors, over the 2 GiB "
+                              f"protobuf limit; save it with external data")
+        if external and data.exists() and not self.overwrite:
+            raise ExportError(f"external data file {str(data)!r} already exists; pass --overwrite (overwrite=True) "
+                              f"to replace it")
+        tmp_data = data_path_for(self.model_path)
+        try:
+            _write(model, self.model_path, external)
+        except ExportError:
+            raise
+        except Exception as err:
+            raise ExportError(f"failed to write {str(out)!r}: {type(err).__name__}: {err}") from None
+        try:
+            self._has_data = external and tmp_data.exists()  # False when every tensor stayed under the threshold
+            if self._has_data:
+                _fsync(tmp_data)
+            _fsync(self.model_path)
+        except OSError as err:
+            raise ExportError(f"failed to write {str(out)!r}: {err}") from None
+        self._has_model = True
+        return self.model_path
+
+    def write_text(self, dst: str | Path, text: str) -> None:
+        """A sidecar file (beside the output) that is committed with the model."""
+        dst = Path(dst).absolute()
+        if dst.parent != self.out.parent:
+            raise ValueError(f"sidecar {dst} is not in the output folder {self.out.parent}")
+        if dst.exists() and not self.overwrite:
+            raise ExportError(f"{str(dst)!r} already exists; pass --overwrite (overwrite=True) to replace it")
+        try:
+            tmp = self.dir / dst.name
+            tmp.write_text(text)
+            _fsync(tmp)
+        except OSError as err:
+            raise ExportError(f"failed to write {str(dst)!r}: {err}") from None
+        self._texts.append(dst)
+
+    def commit(self) -> Path:
+        """Move everything into place: data, then model (the old data is put back if the model rename fails), then
+        the sidecars."""
+        if not self._has_model:
+            raise RuntimeError("OutputStage.commit() before write_model()")
+        out, data, tmp_data = self.out, data_path_for(self.out), data_path_for(self.model_path)
+        try:
+            backup = None
+            if self._has_data and data.exists():  # keep the old data reachable until the new model is in place
+                backup = self.dir / ".previous.data"
+                try:
+                    os.link(data, backup)
+                except OSError:
+                    backup = None
+            if self._has_data:
+                os.replace(tmp_data, data)
+            try:
+                os.replace(self.model_path, out)
+            except OSError:
+                if backup is not None:
+                    os.replace(backup, data)  # the old model must keep finding its old data
+                raise
+            if not self._has_data and self.overwrite and data.exists() \
+                    and not any(_same_file(s, data) for s in self._sources):
+                data.unlink()  # the data file of the output we just replaced: it belongs to nothing any more
+            for dst in self._texts:
+                os.replace(self.dir / dst.name, dst)
+        except OSError as err:
+            raise ExportError(f"failed to write {str(out)!r}: {err}") from None
+        return out
+
+
 def save_model(model: ir.Model, path: str | Path, *, external_data: bool | None = None,
                overwrite: bool = False) -> Path:
     """Write ``model`` to ``path`` atomically; returns the absolute path written.
@@ -142,64 +319,6 @@ def save_model(model: ir.Model, path: str | Path, *, external_data: bool | None 
     ``<name>.data`` next to the file (single file, tensors over 1 KiB), False forces one self-contained file.
     The model object is left unchanged; lazy tensors of the input model are read from their input location.
     """
-    out = Path(path).absolute()
-    if out.exists() and out.is_dir():
-        raise ExportError(f"output path {str(out)!r} is a directory; give a file name such as model.q.onnx")
-    if out.exists() and not overwrite:
-        raise ExportError(f"output file {str(out)!r} already exists; pass --overwrite (overwrite=True) to replace it")
-    data = data_path_for(out)
-    sources = external_sources(model)
-    for src in sources:
-        for dst in (out, data):
-            if _same_file(src, dst):
-                raise ExportError(f"cannot write {str(dst)!r}: the model being saved still reads its external data "
-                                  f"from that file; choose a different output path")
-    nbytes = model_tensor_bytes(model)
-    external = external_data if external_data is not None else nbytes > EXTERNAL_DATA_THRESHOLD_BYTES
-    if not external and nbytes > PROTOBUF_LIMIT_BYTES:
-        raise ExportError(f"model for {str(out)!r} holds {nbytes / 2**30:.2f} GiB of tensors, over the 2 GiB protobuf "
-                          f"limit; save it with external data")
-    if external and data.exists() and not overwrite:
-        raise ExportError(f"external data file {str(data)!r} already exists; pass --overwrite (overwrite=True) "
-                          f"to replace it")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    except OSError as err:
-        raise ExportError(f"cannot write into output folder {str(parent)!r}: {err.strerror or err}") from None
-    try:
-        tmp_model = tmpdir / out.name
-        tmp_data = data_path_for(tmp_model)
-        try:
-            _write(model, tmp_model, external)
-        except ExportError:
-            raise
-        except Exception as err:
-            raise ExportError(f"failed to write {str(out)!r}: {type(err).__name__}: {err}") from None
-        has_data = external and tmp_data.exists()  # False when every tensor stayed under the threshold
-        if has_data:
-            _fsync(tmp_data)
-        _fsync(tmp_model)
-        backup = None
-        if has_data and data.exists():  # keep the old data reachable until the new model is in place
-            backup = tmpdir / ".previous.data"
-            try:
-                os.link(data, backup)
-            except OSError:
-                backup = None
-        if has_data:
-            os.replace(tmp_data, data)
-        try:
-            os.replace(tmp_model, out)
-        except OSError:
-            if backup is not None:
-                os.replace(backup, data)  # the old model must keep finding its old data
-            raise
-        if not has_data and overwrite and data.exists() and not any(_same_file(s, data) for s in sources):
-            data.unlink()  # the data file of the output we just replaced: it belongs to nothing any more
-    except OSError as err:
-        raise ExportError(f"failed to write {str(out)!r}: {err}") from None
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return out
+    with OutputStage(path, overwrite=overwrite) as stage:
+        stage.write_model(model, external_data)
+        return stage.commit()

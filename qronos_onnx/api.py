@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,15 +19,19 @@ from .calib import load_calibration
 from .capture import CaptureEngine
 from .capture.act_calib import plan_activations, required_opset
 from .config import QuantConfig
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 from .export import export_model, validate_export
 from .export.qdq import default_opset, ir_version_for_opset, upgrade_opset
 from .formats import IntGrid, QuantizedWeight, make_grid
 from .graph.io import OutputStage, check_output_path, run_inputs
+from .graph.preflight import (check_free_space, check_input_model, describe_ops, estimate_output_bytes,
+                              quantized_ops)
 from .graph.model import load_model
 from .graph.rotate import rotate_inputs
-from .graph.targets import Target, find_targets, weight_matrix
+from .graph.targets import Target, find_targets, left_alone, untranspose_gemm_inputs, weight_matrix
 from .rounding import reconstruction_errors, round_weights
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +51,7 @@ class LayerReport:
     note: str = ""  # e.g. too few calibration tokens for the layer's width
     alpha: float | None = None  # Qronos: the ridge relative to sigma_max(H) that was chosen
     n_tokens: int = 0  # calibration tokens (or im2col patches) behind H and G
+    group_size: int = 0  # weights per scale along the input as written (the input width when per channel)
 
 
 @dataclass
@@ -84,22 +90,43 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     out = check_output_path(model_path, output_path, overwrite)  # the cheap refusals before any loading
     model = load_model(model_path)
     check_output_path(model_path, out, overwrite, inputs=run_inputs(model_path, model, calib, tokenizer))
+    preflight = check_input_model(model_path)  # refusals the output would meet, before any work
+    rewritten = untranspose_gemm_inputs(model)
     targets = find_targets(model, cfg.exclude)
     exclude = list(cfg.exclude)
+    rotations: list[str] = []
     if cfg.transforms.rotate == "hadamard" and targets:
         rotations = rotate_inputs(model, targets, seed=cfg.seed)
         exclude += [f"^{re.escape(name)}$" for name in rotations]  # the rotations stay float
         targets = find_targets(model, exclude)
     act_opset = required_opset(cfg.activations, sorted({np.dtype(t.weight_dtype).name for t in targets}))
-    if targets and default_opset(model) < act_opset:  # the activation subgraphs run inside the capture's segments
-        upgrade_opset(model, act_opset)
-        model.ir_version = max(int(model.ir_version or 0), ir_version_for_opset(act_opset))
+    # the activation subgraphs run inside the capture's segments; the weights' opset is raised now too, so that a
+    # model the converter cannot take is refused before capture, not after it
+    need = max(act_opset, _weight_export_opset(cfg, targets))
+    if targets and default_opset(model) < need:
+        upgrade_opset(model, need)
+        model.ir_version = max(int(model.ir_version or 0), ir_version_for_opset(need))
         targets = find_targets(model, exclude)
+    already = quantized_ops(model)
     if not targets:
+        if already:
+            raise ModelError(f"model {str(model_path)!r} is already quantized (it holds {describe_ops(already)}) and "
+                             f"has no float MatMul/Gemm/Conv weight left; give the float model")
         raise ModelError(
             f"model {str(model_path)!r} has no quantizable node (MatMul/Gemm/Conv with a constant float weight)"
             + (" left after --exclude" if cfg.exclude else "")
         )
+    if already:
+        log.warning("note: model %s already holds %s; those parts are kept as they are, only float weights are "
+                    "quantized", model_path, describe_ops(already))
+    skipped = left_alone(model, targets, cfg.exclude, ignore=set(rotations))
+    unexplained = [s for s in skipped if s["reason"] != "matches --exclude"]
+    if unexplained:
+        shown = "; ".join(f"{s['node']} ({s['reason']})" for s in unexplained[:3])
+        log.warning("warning: %d MatMul/Gemm/Conv node(s) with a constant weight stay float: %s%s (listed in the "
+                    "report under left_float)", len(unexplained), shown, ", ..." if len(unexplained) > 3 else "")
+    _check_group_size(cfg, targets)
+    check_free_space(out, estimate_output_bytes(model, targets, _weight_bits(cfg)))
     samples = load_calibration(calib, model, samples=cfg.capture.samples, seed=cfg.seed,
                                seq_len=cfg.capture.seq_len, tokenizer=tokenizer,
                                special_tokens=cfg.capture.special_tokens)
@@ -144,7 +171,7 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     config_path, report_path = out.with_name(out.name + ".config.yaml"), out.with_name(out.name + ".report.json")
     with OutputStage(out, overwrite=overwrite) as stage:  # nothing under the final names until all is checked
         staged = stage.write_model(model)
-        validate_export(staged, quantized, targets)
+        validate_export(staged, quantized, targets, checker=preflight.checker_ok)
         t_export = time.perf_counter() - t0
         result = QuantResult(
             output_path=out,
@@ -159,9 +186,45 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
             output_bytes=_file_bytes(staged),
         )
         stage.write_text(config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        stage.write_text(report_path, json.dumps(_report_dict(result, model_path), indent=2))
+        report = _report_dict(result, model_path)
+        report.update(left_float=skipped, gemm_transA_rewritten=rewritten,
+                      input_checker="ok" if preflight.checker_ok else f"rejected: {preflight.checker_message} "
+                                                                        "(output validated by onnxruntime)")
+        stage.write_text(report_path, json.dumps(report, indent=2))
         stage.commit()
     return result
+
+
+def _weight_bits(cfg: QuantConfig) -> float:
+    return {"mxfp4": 4, "mxfp8": 8, "mxint8": 8, "fp8": 8}.get(cfg.weights.format, cfg.weights.bits)
+
+
+def _weight_export_opset(cfg: QuantConfig, targets: list[Target]) -> int:
+    """The opset the QDQ export of integer weights will need (WeightEncoding.opset, decided from the config alone):
+    4-bit containers and blocked scales 21, float16 scales 19, else 13. 0 where export decides (MX, MatMulNBits)."""
+    if cfg.weights.format != "int" or cfg.export.dialect != "qdq" or not targets:
+        return 0
+    g = cfg.weights.group_size
+    if cfg.weights.bits <= 4 or any(g and t.op_type != "Conv" and g < t.in_features for t in targets):
+        return 21
+    return 19 if any(np.dtype(t.weight_dtype) == np.float16 for t in targets) else 13
+
+
+def _check_group_size(cfg: QuantConfig, targets: list[Target]) -> None:
+    """A group as wide as a weight's input is one scale per output channel: say so instead of labelling it g{N}."""
+    g = cfg.weights.group_size
+    if cfg.weights.format != "int" or not g:
+        return
+    widths = {t.name: t.in_features for t in targets if t.op_type != "Conv"}  # Conv weights are per channel anyway
+    wide = [n for n, k in widths.items() if k <= g]
+    if widths and len(wide) == len(widths):
+        raise ConfigError(f"--group-size {g} is not smaller than the input width of any MatMul/Gemm weight (widest "
+                          f"K = {max(widths.values())}): every weight would get one scale per output channel; use "
+                          f"--group-size 0 for per-channel, or a smaller group")
+    if wide:
+        log.warning("note: --group-size %d is not smaller than the input width of %d of %d MatMul/Gemm weight(s) "
+                    "(e.g. %s, K = %d): those are quantized per output channel (the report gives each weight's "
+                    "group_size)", g, len(wide), len(widths), wide[0], widths[wide[0]])
 
 
 # ------------------------------------------------------------------------------------------------ rounding a wave
@@ -211,7 +274,8 @@ def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig
         grid_d = grid.to(device)
         Q = grid_d.decode(res.codes.to(device).float())
         Wd = W.to(device).float()
-        err, rtn_err = (e.cpu() for e in reconstruction_errors(Wd, [Q, grid_d.round(Wd)], H, G, F))
+        Q_rtn = grid_d.round(Wd)
+        err, rtn_err = (e.cpu() for e in reconstruction_errors(Wd, [Q, Q_rtn], H, G, F))
         codes = res.codes.cpu()
         b0 = 0
         for u in batch:
@@ -222,6 +286,10 @@ def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig
             e, e_rtn = float(err[sl].mean()), float(rtn_err[sl].mean())
             r0 = 0
             for name, rows in zip(u.names, u.row_splits):
+                if len(u.names) > 1:  # q, k and v solved as one problem: each reports its own rows' error
+                    rs = slice(r0, r0 + rows)
+                    e, e_rtn = (float(x.mean()) for x in reconstruction_errors(
+                        Wd[sl, rs], [Q[sl, rs], Q_rtn[sl, rs]], H[sl], G[sl], F[sl]))
                 ucodes = codes[sl, r0 : r0 + rows]  # [groups, rows, cols]
                 ugrid = grid.slice_rows(slice(r0, r0 + rows))
                 qw = QuantizedWeight(
@@ -240,6 +308,7 @@ def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig
                     status=str(info.get("status", "ok")), seconds=seconds,
                     note=_data_note(u.stats.n_tokens, u.W.shape[-1], cfg.rounding.algorithm),
                     alpha=info.get("alpha"), n_tokens=int(u.stats.n_tokens),
+                    group_size=int(getattr(ugrid, "group_size", 0) or 0),
                 ))
                 r0 += rows
             b0 += g

@@ -5,7 +5,8 @@ Sources (``load_calibration``):
   refused), or one ``.npz`` file. Keys are graph input names. A file holds several samples, split along axis 0, when
   every array has one more dim than its graph input (stacked samples), or when arrays have the graph input's rank but
   a leading dim that is a multiple (> 1x) of the model's fixed batch dim (chunks of that batch); otherwise the file is
-  one sample. Loaded with ``allow_pickle=False``: object arrays are refused, never unpickled.
+  one sample, except that when ``samples`` asks for fewer samples than the rows of a file holding one batch along a
+  dynamic axis 0 (512 images as one array), its first ``samples`` rows are taken as samples. Loaded with ``allow_pickle=False``: object arrays are refused, never unpickled.
 - an onnxruntime ``CalibrationDataReader``-like object (``get_next()`` returning a dict, then None), or a list of
   dicts; arrays are kept as given, behind read-only views, never copied or modified.
 - a ``.txt`` / ``.jsonl`` text file plus ``tokenizer`` (see ``text.py`` for the window rule).
@@ -223,6 +224,10 @@ def split_npz(path: Path, arrays: dict[str, np.ndarray], specs: Sequence[InputSp
             b, n = spec.shape[0], arr.shape[0]
             if n > b and n % b == 0:
                 plans[key] = ("batched", n // b, b)
+    if not plans and limit is not None:
+        rows = _dynamic_batch_rows(arrays, by_name)
+        if rows is not None and rows > limit:  # one batch of many rows, fewer samples asked: take rows, not files
+            plans = {key: ("batched", rows, 1) for key in arrays}
     if not plans:
         return [check_sample(arrays, specs, where)]
     counts = {key: plan[1] for key, plan in plans.items()}
@@ -248,6 +253,17 @@ def split_npz(path: Path, arrays: dict[str, np.ndarray], specs: Sequence[InputSp
     return samples
 
 
+def _dynamic_batch_rows(arrays: dict[str, np.ndarray], by_name: dict[str, InputSpec]) -> int | None:
+    """The common leading size when every key is one batch along a symbolic (dynamic) axis 0, else None."""
+    sizes = set()
+    for key, arr in arrays.items():
+        spec = by_name[key]
+        if spec.rank is None or arr.ndim != spec.rank or arr.ndim == 0 or isinstance(spec.shape[0], int):
+            return None
+        sizes.add(arr.shape[0])
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def _plan_text(plan: tuple[str, int, int], spec: InputSpec) -> str:
     mode, _, chunk = plan
     if mode == "stacked":
@@ -259,6 +275,7 @@ def _load_npz(files: list[Path], specs: Sequence[InputSpec], limit: int | None, 
     entries: list[tuple[Path, int]] = []
     kept: list[dict[str, np.ndarray]] | None = []
     stats: dict[Path, tuple[int, int]] = {}
+    limits: dict[Path, int | None] = {}  # the sample limit each file was split with (lazy re-reads split alike)
     total_bytes, n_tokens = 0, 0
     for path in files:
         if limit is not None and len(entries) >= limit:
@@ -266,6 +283,7 @@ def _load_npz(files: list[Path], specs: Sequence[InputSpec], limit: int | None, 
         stats[path] = _stat(path)
         file_samples = split_npz(path, read_npz(path), specs, None if limit is None else limit - len(entries))
         entries += [(path, i) for i in range(len(file_samples))]
+        limits[path] = None if limit is None else limit - (len(entries) - len(file_samples))
         total_bytes += sum(a.nbytes for s in file_samples for a in s.values())
         n_tokens += sum(s["input_ids"].size for s in file_samples if "input_ids" in s)
         if kept is not None:
@@ -277,7 +295,7 @@ def _load_npz(files: list[Path], specs: Sequence[InputSpec], limit: int | None, 
         raise CalibrationError(f"calibration source ({desc}) holds no samples")
     used = len({p for p, _ in entries})
     desc = f"{desc}, {len(entries)} sample(s)" + (f" from the first {used} file(s)" if used < len(files) else "")
-    samples: Sequence[dict[str, np.ndarray]] = kept if kept is not None else _LazyNpzSamples(entries, specs, stats)
+    samples: Sequence[dict[str, np.ndarray]] = kept if kept is not None else _LazyNpzSamples(entries, specs, stats, limits)
     has_ids = any(s.name == "input_ids" for s in specs)
     return CalibrationSet(samples, desc, specs, int(n_tokens) if has_ids else None)
 
@@ -286,8 +304,8 @@ class _LazyNpzSamples(Sequence):
     """npz samples re-read on access (one file cached), for sets too large to keep in memory."""
 
     def __init__(self, entries: list[tuple[Path, int]], specs: Sequence[InputSpec],
-                 stats: dict[Path, tuple[int, int]]):
-        self._entries, self._specs, self._stats = entries, list(specs), stats
+                 stats: dict[Path, tuple[int, int]], limits: dict[Path, int | None]):
+        self._entries, self._specs, self._stats, self._limits = entries, list(specs), stats, limits
         self._path: Path | None = None
         self._cached: list[dict[str, np.ndarray]] = []
 
@@ -302,7 +320,8 @@ class _LazyNpzSamples(Sequence):
             if _stat(path) != self._stats[path]:
                 raise CalibrationError(f"calibration file {str(path)!r} changed after it was validated; reload the "
                                        f"calibration set")
-            self._cached, self._path = split_npz(path, read_npz(path), self._specs), path
+            self._cached, self._path = split_npz(path, read_npz(path), self._specs,
+                                                 self._limits.get(path)), path
         return self._cached[i]
 
 

@@ -217,8 +217,19 @@ def upgrade_opset(model: ir.Model, target: int) -> None:
         converted = onnx.version_converter.convert_version(proto, target)
     except Exception as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"cannot convert the model from opset {current} to opset {target} (needed by the "
-                          f"quantized format): {msg}") from None
+        changed = _ops_changed_between(model, current, target)
+        if changed is None or changed:  # the converter failed on something else, or some op must be converted
+            why = f" (operator(s) whose definition changes: {', '.join(changed[:5])})" if changed else ""
+            raise ExportError(f"cannot convert the model from opset {current} to opset {target} (needed by the "
+                              f"quantized format): {msg}{why}") from None
+        # only operators onnx does not know (onnxruntime contrib ops in the default domain) stopped the converter,
+        # and every known operator means the same at both versions: raising the import is the whole conversion
+        log.info("opset %d -> %d: no known operator changes; import raised without the converter (%s)",
+                 current, target, msg)
+        model.opset_imports[""] = target
+        if "" in model.graph.opset_imports:
+            model.graph.opset_imports[""] = target
+        return
     new_opset = next((o.version for o in converted.opset_import if o.domain in ("", "ai.onnx")), None)
     if new_opset != target:
         raise ExportError(f"converting the model from opset {current} to {target} left it at opset {new_opset}")
@@ -235,6 +246,24 @@ def upgrade_opset(model: ir.Model, target: int) -> None:
     new_graph.inputs.clear()
     new_graph.inputs.extend(user_inputs)
     model.graph = new_graph
+
+
+def _ops_changed_between(model: ir.Model, current: int, target: int) -> list[str] | None:
+    """Default-domain operators of ``model`` whose definition changes between the two opsets (None when the model
+    holds no operator onnx does not know, i.e. the converter failed for another reason)."""
+    changed, unknown = set(), False
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            old = onnx.defs.get_schema(node.op_type, current, "").since_version
+            new = onnx.defs.get_schema(node.op_type, target, "").since_version
+        except Exception:
+            unknown = True
+            continue
+        if old != new:
+            changed.add(node.op_type)
+    return sorted(changed) if unknown else None
 
 
 # ------------------------------------------------------------------------------------------------ graph editing

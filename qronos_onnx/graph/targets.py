@@ -181,3 +181,73 @@ def weight_matrix(model: ir.Model, target: Target) -> torch.Tensor:
     """The target's float weight in solver layout."""
     value = model.graph.initializers[target.weight_name]
     return target.to_matrix(read_initializer(value))
+
+
+def untranspose_gemm_inputs(model: ir.Model) -> list[str]:
+    """Gemm(transA=1) with a constant weight reads its activation transposed: give it an explicit Transpose in front
+    (``x^T B = Gemm(Transpose(x), B)``, the same function) so that it becomes an ordinary target. Returns the names
+    of the Gemm nodes rewritten; onnxruntime folds the Transpose into its GEMM call again."""
+    from .model import graph_names
+
+    name_nodes(model)
+    graph = model.graph
+    taken = graph_names(graph)
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
+    done = []
+    for node in list(graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or _int(node, "transA", 0) != 1:
+            continue
+        if len(node.inputs) < 2 or node.inputs[0] is None or not _const_weight(node.inputs[1]):
+            continue
+        x = node.inputs[0]
+        tr = ir.node("Transpose", [x], attributes={"perm": [1, 0]}, name=fresh(f"{node.name}/transA"))
+        tr.outputs[0].name = fresh(f"{x.name}_transposed")
+        tr.outputs[0].type = x.type
+        if x.shape is not None and len(x.shape) == 2:
+            tr.outputs[0].shape = ir.Shape([x.shape[1], x.shape[0]])
+        graph.insert_before(node, tr)
+        node.replace_input_with(0, tr.outputs[0])
+        node.attributes["transA"] = ir.AttrInt64("transA", 0)
+        done.append(node.name)
+    return done
+
+
+def left_alone(model: ir.Model, targets: list[Target], exclude: list[str] | tuple[str, ...] = (),
+               ignore: set[str] | frozenset[str] = frozenset()) -> list[dict]:
+    """MatMul / Gemm / Conv nodes with a constant float weight that will stay float, each with the reason: what the
+    report and the end-of-run warning list so that nothing is skipped without a word. ``ignore``: nodes the tool
+    inserted itself (float rotations)."""
+    chosen = {t.name for t in targets} | set(ignore)
+    patterns = [re.compile(p) for p in exclude]
+    owner: dict[int, ir.Node] = {}  # id(subgraph) -> the If / Loop / Scan node holding it
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                owner[id(attr.value)] = node
+            elif attr.type == ir.AttributeType.GRAPHS:
+                owner.update((id(g), node) for g in attr.value)
+    out = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type not in ("MatMul", "Gemm", "Conv") or node.domain not in ("", "ai.onnx"):
+            continue
+        if len(node.inputs) < 2 or not _const_weight(node.inputs[1]) or node.name in chosen:
+            continue
+        w = node.inputs[1]
+        if node.graph is not model.graph:
+            parent = owner.get(id(node.graph))
+            where = f" of {parent.op_type} node {parent.name!r}" if parent is not None else ""
+            reason = f"inside a subgraph{where} (only main-graph nodes are captured)"
+        elif any(p.search(node.name) for p in patterns):
+            reason = "matches --exclude"
+        else:
+            reason = f"weight {w.name!r} of shape {list(w.const_value.shape)} has no supported layout"
+        out.append({"node": node.name, "op": node.op_type, "weight": w.name, "reason": reason})
+    return out

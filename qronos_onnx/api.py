@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,6 +91,7 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     out = check_output_path(model_path, output_path, overwrite)  # the cheap refusals before any loading
     model = load_model(model_path)
     check_output_path(model_path, out, overwrite, inputs=run_inputs(model_path, model, calib, tokenizer))
+    say = _status(quiet)
     preflight = check_input_model(model_path)  # refusals the output would meet, before any work
     rewritten = untranspose_gemm_inputs(model)
     targets = find_targets(model, cfg.exclude)
@@ -164,13 +166,16 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         "quant.rotation": cfg.transforms.rotate,
         **(acts.metadata() if acts else {}),
     }
+    say(f"exporting {len(quantized)} quantized weights ({cfg.export.dialect})")
     export_model(model, quantized, targets, dialect=cfg.export.dialect, metadata=metadata,
                  accuracy_level=cfg.export.accuracy_level)
     if acts is not None:
         acts.apply(model)
     config_path, report_path = out.with_name(out.name + ".config.yaml"), out.with_name(out.name + ".report.json")
     with OutputStage(out, overwrite=overwrite) as stage:  # nothing under the final names until all is checked
+        say(f"writing {out.name}")
         staged = stage.write_model(model)
+        say("validating the written file (onnx.checker, onnxruntime load, every weight read back bit-exact)")
         validate_export(staged, quantized, targets, checker=preflight.checker_ok)
         t_export = time.perf_counter() - t0
         result = QuantResult(
@@ -193,6 +198,14 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         stage.write_text(report_path, json.dumps(report, indent=2))
         stage.commit()
     return result
+
+
+def _status(quiet: bool):
+    """One line per stage on stderr, so that no stage runs silently for long (the capture has its own bar)."""
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"qronos-onnx: {msg}", file=sys.stderr, flush=True)
+    return say
 
 
 def _weight_bits(cfg: QuantConfig) -> float:

@@ -28,7 +28,7 @@ from .graph.io import OutputStage, check_output_path, run_inputs
 from .graph.preflight import (check_free_space, check_input_model, describe_ops, estimate_output_bytes,
                               quantized_ops)
 from .graph.model import load_model
-from .graph.rotate import rotate_inputs
+from .transforms.online import rotate_inputs
 from .graph.targets import Target, find_targets, left_alone, untranspose_gemm_inputs, weight_matrix
 from .rounding import reconstruction_errors, round_weights
 
@@ -97,7 +97,7 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     targets = find_targets(model, cfg.exclude)
     exclude = list(cfg.exclude)
     rotations: list[str] = []
-    if cfg.transforms.rotate == "hadamard" and targets:
+    if cfg.transforms.rotate in ("online", "hadamard") and targets:
         rotations = rotate_inputs(model, targets, seed=cfg.seed)
         exclude += [f"^{re.escape(name)}$" for name in rotations]  # the rotations stay float
         targets = find_targets(model, exclude)

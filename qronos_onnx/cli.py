@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--reduce-range", action="store_true", default=None,
                    help="7-bit integer weights: onnxruntime's u8 x s8 W8A8 kernels saturate with full-range int8 "
                         "weights on x86 CPUs without VNNI")
-    q.add_argument("--rotate", action="store_const", const="hadamard", default=None,
-                   help="rotate every MatMul/Gemm input by a randomized Hadamard (online, kept in float) before "
-                        "quantizing: spreads activation outliers, what INT4 activations need on LLMs")
+    q.add_argument("--rotate", nargs="?", const="online", choices=("online",), default=None,
+                   help="rotate every MatMul/Gemm input by a randomized Hadamard before quantizing ('online', the "
+                        "default: kept in float at run time): spreads activation outliers, what INT4 activations "
+                        "need on LLMs")
     q.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
                    help="regular expression on node names to leave in float (repeatable)")
     q.add_argument("--samples", type=int, help="use at most this many calibration samples")

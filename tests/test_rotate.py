@@ -1,4 +1,4 @@
-"""Online Hadamard rotations (graph/rotate.py, --rotate): orthogonal, function-preserving, and what W4A4 needs."""
+"""Online Hadamard rotations (transforms/online.py, --rotate): orthogonal, function-preserving, and what W4A4 needs."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +13,7 @@ from qronos_onnx.api import quantize
 from qronos_onnx.config import ConfigError, QuantConfig, load_recipe
 from qronos_onnx.graph.io import save_model
 from qronos_onnx.graph.model import load_model
-from qronos_onnx.graph.rotate import ROTATION_PREFIX, rotate_inputs, rotation_matrix
+from qronos_onnx.transforms.online import ROTATION_PREFIX, rotate_inputs, rotation_matrix
 from qronos_onnx.graph.targets import find_targets
 
 from . import tiny_models as tm
@@ -108,6 +108,6 @@ def test_rotate_option_is_validated():
 
     assert QuantConfig().transforms.rotate == "none"
     args = build_parser().parse_args(["quantize", "m", "--calib", "c", "-o", "o", "--w4a4", "--rotate"])
-    assert config_from_args(args).transforms.rotate == "hadamard"
+    assert config_from_args(args).transforms.rotate == "online"
     with pytest.raises(ConfigError, match="transforms.rotate"):
         QuantConfig().override({"transforms.rotate": "givens"})

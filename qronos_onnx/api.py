@@ -28,8 +28,12 @@ from .graph.io import OutputStage, check_output_path, run_inputs
 from .graph.preflight import (check_free_space, check_input_model, describe_ops, estimate_output_bytes,
                               quantized_ops)
 from .graph.model import load_model
+from .transforms import TransformLog
+from .transforms.fused import FusedRotationUnsupported, fuse_rotations
 from .transforms.online import rotate_inputs
-from .graph.targets import Target, find_targets, left_alone, untranspose_gemm_inputs, weight_matrix
+from .transforms.verify import run_float_model
+from .graph.targets import (Target, find_targets, fold_constant_aliases, left_alone, untranspose_gemm_inputs,
+                            weight_matrix)
 from .rounding import reconstruction_errors, round_weights
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,7 @@ class LayerReport:
     alpha: float | None = None  # Qronos: the ridge relative to sigma_max(H) that was chosen
     n_tokens: int = 0  # calibration tokens (or im2col patches) behind H and G
     group_size: int = 0  # weights per scale along the input as written (the input width when per channel)
+    transforms: list[str] = field(default_factory=list)  # what the transforms did to this weight or its input
 
 
 @dataclass
@@ -64,6 +69,7 @@ class QuantResult:
     layers: list[LayerReport] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     n_samples: int = 0
+    transforms: dict = field(default_factory=dict)  # TransformLog.to_dict(): notes, float rotation nodes
     output_bytes: int = 0
 
     def worst_layers(self, n: int = 10) -> list[LayerReport]:
@@ -93,14 +99,19 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     check_output_path(model_path, out, overwrite, inputs=run_inputs(model_path, model, calib, tokenizer))
     say = _status(quiet)
     preflight = check_input_model(model_path)  # refusals the output would meet, before any work
+    fold_constant_aliases(model)
     rewritten = untranspose_gemm_inputs(model)
     targets = find_targets(model, cfg.exclude)
+    samples = load_calibration(calib, model, samples=cfg.capture.samples, seed=cfg.seed,
+                               seq_len=cfg.capture.seq_len, tokenizer=tokenizer,
+                               special_tokens=cfg.capture.special_tokens)
     exclude = list(cfg.exclude)
-    rotations: list[str] = []
-    if cfg.transforms.rotate in ("online", "hadamard") and targets:
-        rotations = rotate_inputs(model, targets, seed=cfg.seed)
+    transform_log = TransformLog()
+    rotations = _rotate(model, targets, cfg, samples, transform_log) if targets else []
+    chosen = {t.name for t in targets}  # transforms never change which nodes are quantized (a tied head stays float)
+    if rotations or cfg.transforms.rotate == "fused":
         exclude += [f"^{re.escape(name)}$" for name in rotations]  # the rotations stay float
-        targets = find_targets(model, exclude)
+        targets = [t for t in find_targets(model, exclude) if t.name in chosen]
     act_opset = required_opset(cfg.activations, sorted({np.dtype(t.weight_dtype).name for t in targets}))
     # the activation subgraphs run inside the capture's segments; the weights' opset is raised now too, so that a
     # model the converter cannot take is refused before capture, not after it
@@ -108,7 +119,7 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     if targets and default_opset(model) < need:
         upgrade_opset(model, need)
         model.ir_version = max(int(model.ir_version or 0), ir_version_for_opset(need))
-        targets = find_targets(model, exclude)
+        targets = [t for t in find_targets(model, exclude) if t.name in chosen]
     already = quantized_ops(model)
     if not targets:
         if already:
@@ -129,9 +140,6 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
                     "report under left_float)", len(unexplained), shown, ", ..." if len(unexplained) > 3 else "")
     _check_group_size(cfg, targets)
     check_free_space(out, estimate_output_bytes(model, targets, _weight_bits(cfg)))
-    samples = load_calibration(calib, model, samples=cfg.capture.samples, seed=cfg.seed,
-                               seq_len=cfg.capture.seq_len, tokenizer=tokenizer,
-                               special_tokens=cfg.capture.special_tokens)
     device = resolve_device(cfg.device)
     stats_dtype = torch.float64 if cfg.rounding.stats_dtype == "float64" else torch.float32
     t0 = time.perf_counter()
@@ -151,6 +159,8 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
             t_round += time.perf_counter() - t0
             engine.set_weights(new)
     t_capture = time.perf_counter() - t_capture0 - t_round
+    for r in reports:
+        r.transforms = sorted({x for n in r.nodes for x in transform_log.touched.get(n, [])})
 
     t0 = time.perf_counter()
     metadata = {
@@ -189,15 +199,50 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
                      "total": time.perf_counter() - t_start},
             n_samples=len(samples),
             output_bytes=_file_bytes(staged),
+            transforms=transform_log.to_dict(),
         )
         stage.write_text(config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         report = _report_dict(result, model_path)
-        report.update(left_float=skipped, gemm_transA_rewritten=rewritten,
+        report.update(left_float=skipped, gemm_transA_rewritten=rewritten, transforms=transform_log.to_dict(),
                       input_checker="ok" if preflight.checker_ok else f"rejected: {preflight.checker_message} "
                                                                         "(output validated by onnxruntime)")
         stage.write_text(report_path, json.dumps(report, indent=2))
         stage.commit()
     return result
+
+
+def _rotate(model, targets: list[Target], cfg: QuantConfig, samples, transform_log: TransformLog) -> list[str]:
+    """The rotation the config asks for; returns the float rotation nodes inserted (excluded from quantization).
+
+    ``fused`` falls back to online rotations of every MatMul/Gemm input, with a warning naming the node that broke the
+    decoder pattern, when the graph is not one it recognises.
+    """
+    mode = cfg.transforms.rotate
+    if mode == "none":
+        return []
+    online_targets = targets
+    if mode == "fused":
+        try:
+            fused = fuse_rotations(model, targets, samples[0] if len(samples) else None, transform_log,
+                                   seed=cfg.seed, run=run_float_model)
+            head_inputs = {o for _, o, _ in fused.head_rotated}
+            online_targets = [t for t in targets if t.name not in fused.readers and t.name not in head_inputs]
+            transform_log.notes.append(
+                f"fused rotation: D={fused.dim}, {fused.norms} norms folded, {len(fused.readers)} readers, "
+                f"{len(fused.writers)} writers, {len(fused.head_rotated)} v/o head pairs; float outputs moved by "
+                f"{fused.max_rel_diff:.1e} (relative)")
+        except FusedRotationUnsupported as err:
+            log.warning("warning: --rotate fused does not apply to this graph (at %s: %s); using online rotations "
+                        "instead", err.node, err.why)
+            transform_log.notes.append(f"fused rotation not applied (at {err.node}: {err.why}); online instead")
+    rotations = rotate_inputs(model, online_targets, seed=cfg.seed)
+    rotated = set(rotations)
+    for node in model.graph:
+        if node.name in rotated:
+            for user, _ in node.outputs[0].uses():
+                transform_log.touch(user.name, "rotate:online(input)")
+    transform_log.float_rotations = rotations
+    return rotations
 
 
 def _status(quiet: bool):

@@ -52,10 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--reduce-range", action="store_true", default=None,
                    help="7-bit integer weights: onnxruntime's u8 x s8 W8A8 kernels saturate with full-range int8 "
                         "weights on x86 CPUs without VNNI")
-    q.add_argument("--rotate", nargs="?", const="online", choices=("online",), default=None,
-                   help="rotate every MatMul/Gemm input by a randomized Hadamard before quantizing ('online', the "
-                        "default: kept in float at run time): spreads activation outliers, what INT4 activations "
-                        "need on LLMs")
+    q.add_argument("--rotate", nargs="?", const="online", choices=("online", "fused"), default=None,
+                   help="Hadamard rotations before quantizing, which spread activation outliers (what INT4 "
+                        "activations need on LLMs): 'online' (default) puts a float rotation in front of every "
+                        "MatMul/Gemm input; 'fused' folds them into the weights of a decoder's residual stream "
+                        "(QuaRot: one float rotation per block left, at down_proj), falling back to online when the "
+                        "graph is not a recognised pre-norm decoder")
     q.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
                    help="regular expression on node names to leave in float (repeatable)")
     q.add_argument("--samples", type=int, help="use at most this many calibration samples")
@@ -181,6 +183,16 @@ def format_summary(result) -> str:
             + f" ({r.weight})"
         lines.append(f"{label[-48:]:<48} {shape:>12} {r.rel_error:9.4f} {r.rtn_rel_error:9.4f}  {r.status}"
                      + (f" ({r.retries} retries)" if r.retries else ""))
+    touched = [r for r in result.layers if r.transforms]
+    if touched:
+        kinds: dict[str, int] = {}
+        for r in touched:
+            for x in r.transforms:
+                kinds[x] = kinds.get(x, 0) + 1
+        lines.append("transforms: " + ", ".join(f"{k} on {n}" for k, n in sorted(kinds.items()))
+                     + f"; {result.transforms.get('float_rotation_nodes', 0)} float rotation MatMul(s) in the output")
+    for note in result.transforms.get("notes", []):
+        lines.append(f"note: {note}")
     noted = [r for r in result.layers if r.note]
     if noted:
         lines.append(f"note: {len(noted)} weights have few calibration tokens, e.g. {noted[0].weight}: {noted[0].note}")

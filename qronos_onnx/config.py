@@ -208,13 +208,14 @@ class ExportConfig:
             raise ConfigError(f"export.accuracy_level must be 0, 1, 2, 3 or 4, got {self.accuracy_level!r}")
 
 
-ROTATIONS = ("none", "online", "hadamard")  # hadamard: the old name of online
+ROTATIONS = ("none", "online", "fused", "hadamard")  # hadamard: the old name of online
 
 
 @dataclass
 class TransformConfig:
     """Graph transforms applied to the float model before anything is captured. ``rotate: online`` puts a
-    randomized Hadamard rotation in front of every MatMul / Gemm input (transforms/online.py; "hadamard" is its old name): what INT4 activations
+    randomized Hadamard rotation in front of every MatMul / Gemm input (transforms/online.py; "hadamard" is its old
+    name); ``rotate: fused`` folds QuaRot rotations into a decoder's weights (transforms/fused.py): what INT4 activations
     need on LLMs."""
 
     rotate: str = "none"

@@ -251,3 +251,22 @@ def left_alone(model: ir.Model, targets: list[Target], exclude: list[str] | tupl
             reason = f"weight {w.name!r} of shape {list(w.const_value.shape)} has no supported layout"
         out.append({"node": node.name, "op": node.op_type, "weight": w.name, "reason": reason})
     return out
+
+
+def fold_constant_aliases(model: ir.Model) -> list[str]:
+    """``Identity(initializer)`` (how the TorchScript exporter shares equal weights) read as the initializer itself,
+    so that the weights behind it are seen as constants. Returns the Identity nodes removed."""
+    graph = model.graph
+    removed = []
+    for node in list(graph):
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+            continue
+        src, out = node.inputs[0], node.outputs[0]
+        if src is None or src.const_value is None or not src.is_initializer() or src.is_graph_input():
+            continue
+        if out.is_graph_output():
+            continue
+        out.replace_all_uses_with(src)
+        graph.remove(node, safe=True)
+        removed.append(node.name)
+    return removed

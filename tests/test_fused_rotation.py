@@ -1,0 +1,207 @@
+"""Fused (QuaRot-style) rotations on tiny Llama decoders exported by the torch dynamo and TorchScript exporters:
+function-preserving, norms folded exactly, at most one float rotation per block, a clear fallback otherwise."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from qronos_onnx.api import quantize
+from qronos_onnx.config import load_recipe
+from qronos_onnx.graph.io import save_model
+from qronos_onnx.graph.model import load_model
+from qronos_onnx.graph.targets import find_targets, fold_constant_aliases
+from qronos_onnx.transforms import TransformLog
+from qronos_onnx.transforms.fused import FusedRotationUnsupported, find_norms, fuse_rotations
+from qronos_onnx.transforms.online import ROTATION_PREFIX
+from qronos_onnx.transforms.verify import run_float_model
+
+from . import tiny_models as tm
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VOCAB, BLOCKS = 128, 2
+
+
+def _llama(attn: str):
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=BLOCKS,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True, use_cache=False, attn_implementation=attn)
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:  # non-trivial RMSNorm scales, so that folding them is tested
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, attention_mask):
+        return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    """{exporter: path} for the same random Llama; built once per test run (~20 s)."""
+    d = tmp_path_factory.mktemp("llama")
+    ids = torch.randint(0, VOCAB, (1, 8))
+    out = {}
+    dyn = d / "dynamo.onnx"
+    torch.onnx.export(_Logits(_llama("sdpa")), (ids, torch.ones_like(ids)), str(dyn), dynamo=True,
+                      input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                      dynamic_shapes=({0: torch.export.Dim("b", max=8), 1: torch.export.Dim("s", max=64)},
+                                      {0: torch.export.Dim("b", max=8), 1: torch.export.Dim("s", max=64)}))
+    out["dynamo"] = dyn
+    ts = d / "torchscript.onnx"
+    torch.onnx.export(_Logits(_llama("eager")), (ids, torch.ones_like(ids)), str(ts), dynamo=False,
+                      input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                      dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}})
+    out["torchscript"] = ts
+    return out
+
+
+def _feeds(model_path: Path, n: int = 1, seq: int = 8, seed: int = 0) -> list[dict]:
+    names = [i.name for i in onnx.load(str(model_path), load_external_data=False).graph.input]
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(n):
+        ids = rng.integers(0, VOCAB, (1, seq)).astype(np.int64)
+        f = {"input_ids": ids}
+        if "attention_mask" in names:
+            f["attention_mask"] = np.ones_like(ids)
+        feeds.append(f)
+    return feeds
+
+
+def _ort(path: Path, feed: dict) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_fused_rotation_preserves_the_function_and_folds_norms(llamas, exporter, tmp_path):
+    path = llamas[exporter]
+    model = load_model(path)
+    fold_constant_aliases(model)
+    targets = find_targets(model)
+    feed = _feeds(path)[0]
+    tlog = TransformLog()
+    fr = fuse_rotations(model, targets, feed, tlog, seed=3, run=run_float_model)
+    assert fr.dim == 64 and fr.norms == 2 * BLOCKS + 1
+    assert len(fr.readers) == 5 * BLOCKS + 1  # q, k, v, gate, up per block, and lm_head
+    assert len(fr.writers) == 2 * BLOCKS + 1  # o_proj, down_proj per block, and the embedding table
+    assert len(fr.head_rotated) == BLOCKS and all(hd == 16 for _, _, hd in fr.head_rotated)
+    for n in find_norms(model.graph):  # every scale folded into the readers: exactly ones
+        assert n.gamma is not None and np.array_equal(n.gamma.const_value.numpy(), np.ones(64, np.float32))
+    out = tmp_path / "rot.onnx"
+    save_model(model, out)
+    for f in _feeds(path, n=3, seq=11, seed=5):  # another length than the verification sample
+        ref, got = _ort(path, f), _ort(out, f)
+        assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))
+        assert not np.array_equal(got, ref)  # the weights really changed
+
+
+def test_fused_w4a4_has_one_float_rotation_per_block(llamas, tmp_path):
+    path = llamas["dynamo"]
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, f in enumerate(_feeds(path, n=8, seq=16, seed=1)):
+        np.savez(calib / f"s{i}.npz", **f)
+    cfg = load_recipe("w4a4").override({"transforms.rotate": "fused", "rounding.algorithm": "rtn"})
+    res = quantize(path, calib, tmp_path / "q.onnx", cfg, quiet=True)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    rotations = [n for n in q.graph.node if n.op_type == "MatMul" and n.name.startswith(ROTATION_PREFIX)]
+    assert len(rotations) == BLOCKS  # the down_proj inputs only
+    report = json.loads(res.report_path.read_text())
+    assert report["transforms"]["float_rotation_nodes"] == BLOCKS
+    touched = report["transforms"]["touched"]
+    assert sum("rotate:online(input)" in v for v in touched.values()) == BLOCKS
+    assert sum("rotate:fused(input)" in v for v in touched.values()) == 5 * BLOCKS + 1
+    online = [r for r in res.layers if r.weight.startswith(ROTATION_PREFIX)]
+    assert not online  # the float rotations are not quantized
+    f = _feeds(path, n=1, seq=8, seed=9)[0]
+    ref, got = _ort(path, f), _ort(tmp_path / "q.onnx", f)
+    assert np.isfinite(got).all() and np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1.0
+
+
+def test_fused_falls_back_to_online_and_names_the_node(llamas, tmp_path, caplog):
+    # a residual-stream tensor that is also a graph output: the rotated stream would leak out
+    proto = onnx.load(str(llamas["dynamo"]))
+    model = load_model(llamas["dynamo"])
+    norms = find_norms(model.graph)
+    stream_value = norms[1].residual.name  # the residual after the first attention block
+    vi = onnx.helper.make_tensor_value_info(stream_value, onnx.TensorProto.FLOAT, None)
+    proto.graph.output.append(vi)
+    leaky = tmp_path / "leaky.onnx"
+    onnx.save(proto, str(leaky))
+    model = load_model(leaky)
+    with pytest.raises(FusedRotationUnsupported, match=f"{stream_value}.*graph output"):
+        fuse_rotations(model, find_targets(model), None, TransformLog())
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, f in enumerate(_feeds(leaky, n=4, seq=8)):
+        np.savez(calib / f"s{i}.npz", **f)
+    cfg = load_recipe("w4").override({"transforms.rotate": "fused", "rounding.algorithm": "rtn"})
+    with caplog.at_level(logging.WARNING):
+        res = quantize(leaky, calib, tmp_path / "q.onnx", cfg, quiet=True)
+    assert f"--rotate fused does not apply to this graph (at {stream_value}" in caplog.text
+    report = json.loads(res.report_path.read_text())
+    assert report["transforms"]["float_rotation_nodes"] > BLOCKS  # online rotations in front of every input
+    assert any("not applied" in n for n in report["transforms"]["notes"])
+
+
+def test_fused_on_a_graph_without_norms_falls_back(tmp_path, caplog):
+    path = tmp_path / "t.onnx"
+    onnx.save(tm.transformer(n_blocks=1), str(path))
+    calib = tmp_path / "c"
+    calib.mkdir()
+    for i, s in enumerate(tm.transformer_inputs(n=4)):
+        np.savez(calib / f"s{i}.npz", **s)
+    with caplog.at_level(logging.WARNING):
+        quantize(path, calib, tmp_path / "q.onnx", load_recipe("w4").override(
+            {"transforms.rotate": "fused", "rounding.algorithm": "rtn"}), quiet=True)
+    assert "no RMSNorm found" in caplog.text
+
+
+def test_tied_head_read_through_transpose_is_untied_and_stays_float(llamas, tmp_path):
+    # how the dynamo exporter writes SmolLM2's tied head: MatMul(norm, Transpose(embedding table))
+    proto = onnx.load(str(llamas["dynamo"]))
+    gather = next(n for n in proto.graph.node if n.op_type == "Gather"
+                  and any(i.name == n.input[0] for i in proto.graph.initializer))
+    head = next(n for n in proto.graph.node if n.op_type == "MatMul" and n.output[0] == "logits")
+    old_w = head.input[1]
+    proto.graph.node.insert(list(proto.graph.node).index(head), onnx.helper.make_node(
+        "Transpose", [gather.input[0]], ["tied_head_w"], perm=[1, 0], name="tied_transpose"))
+    head.input[1] = "tied_head_w"
+    proto.graph.initializer.remove(next(i for i in proto.graph.initializer if i.name == old_w))
+    tied = tmp_path / "tied.onnx"
+    onnx.save(proto, str(tied))
+    model = load_model(tied)
+    targets = find_targets(model)
+    assert head.name not in {t.name for t in targets}  # the head has no constant weight of its own
+    feed = _feeds(tied)[0]
+    fr = fuse_rotations(model, targets, feed, TransformLog(), run=run_float_model)
+    assert head.name in fr.readers and len(fr.readers) == 5 * BLOCKS + 1
+    assert "tied_transpose" not in {n.name for n in model.graph}  # the untied head reads its own rotated table
+    out = tmp_path / "rot.onnx"
+    save_model(model, out)
+    for f in _feeds(tied, n=2, seq=9, seed=4):
+        ref, got = _ort(tied, f), _ort(out, f)
+        assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, f in enumerate(_feeds(tied, n=4, seq=8)):
+        np.savez(calib / f"s{i}.npz", **f)
+    res = quantize(tied, calib, tmp_path / "q.onnx", load_recipe("w4").override(
+        {"transforms.rotate": "fused", "rounding.algorithm": "rtn"}), quiet=True)
+    assert head.name not in {n for r in res.layers for n in r.nodes}  # rotation does not make it a target

@@ -168,6 +168,9 @@ class RoundingConfig:
             raise ConfigError(f"rounding.block_size must be >= 0, got {self.block_size!r}")
 
 
+CAPTURE_THREADS = 2
+
+
 @dataclass
 class CaptureConfig:
     """How X and X-tilde are produced."""
@@ -178,9 +181,16 @@ class CaptureConfig:
     seq_len: int = 256  # window length when calibration data is text
     batch_size: int = 1  # calibration samples per onnxruntime call
     special_tokens: bool = False  # text: wrap each window in the tokenizer's special tokens ([CLS] ... [SEP])
+    # onnxruntime intra-op threads for the capture sessions. Fixed, not the core count: onnxruntime's MatMul with a
+    # weight fed as an input (how capture runs both streams through one session) blocks its inner sum by the share
+    # of columns each thread gets, so the captured activations, and from them the codes, depend on the thread count.
+    # 0 = every core (faster on many cores; the output then depends on the machine).
+    threads: int = CAPTURE_THREADS
 
     def validate(self) -> None:
         _choice("capture.reference", self.reference, REFERENCE_MODES)
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 0:
+            raise ConfigError(f"capture.threads must be an integer >= 0 (0 = every core), got {self.threads!r}")
         if not isinstance(self.max_memory, int) or self.max_memory < 0:
             raise ConfigError(f"capture.max_memory must be a byte count >= 0, got {self.max_memory!r}")
         if self.samples is not None and (not isinstance(self.samples, int) or self.samples < 1):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,11 +137,13 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         "quant.rotation": cfg.transforms.rotate,
         **(acts.metadata() if acts else {}),
     }
+    _status(f"exporting {len(quantized)} quantized weights ({cfg.export.dialect})", quiet)
     export_model(model, quantized, targets, dialect=cfg.export.dialect, metadata=metadata,
                  accuracy_level=cfg.export.accuracy_level)
     if acts is not None:
         acts.apply(model)
     save_model(model, out, overwrite=overwrite)
+    _status(f"validating {out.name}: checker, onnxruntime load, DequantizeLinear vs solver values", quiet)
     validate_export(out, quantized, targets)
     t_export = time.perf_counter() - t0
 
@@ -301,6 +304,12 @@ def _onnx_weight(target: Target, qw: QuantizedWeight) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ output files
+
+def _status(message: str, quiet: bool) -> None:
+    """One progress line on stderr for the steps that have no bar (export and validation take seconds to minutes)."""
+    if not quiet:
+        print(f"qronos-onnx: {message}", file=sys.stderr, flush=True)
+
 
 def _file_bytes(path: Path) -> int:
     data = path.with_name(path.name + ".data")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import CalibrationError, ConfigError, ModelError
-from .perplexity import make_session
+from .perplexity import make_session, progress
 
 ENCODER_ARTICLES = 2000
 TOPIC_TRAIN, TOPIC_TEST = 1500, 500
@@ -373,17 +373,6 @@ def _check_image_shape(name: str, model_shape, images_shape: tuple, source: str)
         raise ModelError(f"the model's input {name!r} takes images of {want} ({dims}), but {source} are "
                          f"{'x'.join(map(str, per_image))}; give --images NPZ with images shaped as the model "
                          "takes them")
-
-
-def progress(total: int, desc: str, unit: str, quiet: bool):
-    """A tqdm bar on stderr (a line every few seconds when stderr is not a terminal); disabled when quiet."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit=unit, disable=quiet, leave=False, file=sys.stderr,
-                mininterval=0.1 if tty else 5.0)
 
 
 def classify(model, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 1000,

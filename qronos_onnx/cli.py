@@ -1,8 +1,14 @@
-"""Command line: ``qronos-onnx quantize | inspect | recipes | eval``. Errors print one line and exit non-zero."""
+"""Command line: ``qronos-onnx quantize | inspect | recipes | eval | report``.
+
+Every error is one line on stderr: a bad input (``QronosError``, a file the system refuses, a model or input that
+onnxruntime rejects) exits 2, anything else is an internal error and exits 3; ``--debug`` adds the traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import traceback
 from pathlib import Path
 
 from . import __version__
@@ -15,6 +21,9 @@ PRESETS = {"w8": "w8", "w4": "w4", "w3": "w3", "w2": "w2", "w4a4": "w4a4", "w4a8
            "mxfp4": "mxfp4", "fp8": "fp8"}
 
 
+INTERNAL_ERROR = 3  # exit code of an unexpected exception (a bug); bad inputs exit 2 (QronosError.exit_code)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
         self.exit(2, f"qronos-onnx: error: {message} (see --help)\n")
@@ -23,6 +32,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qronos-onnx", description="Post-training quantization of ONNX models (Qronos, GPTQ, GPFQ, RTN).")
     p.add_argument("--version", action="version", version=f"qronos-onnx {__version__}")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error (also after the command)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="quantize a model's weights with calibration data")
@@ -85,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list the built-in recipes")
     _add_eval_parser(sub)
+
+    r = sub.add_parser("report", help="print the per-layer table of a finished run from its OUT.report.json")
+    r.add_argument("report", help="the .report.json written next to a quantized model")
+    r.add_argument("--top", type=int, default=10, help="worst layers to list (default 10; 0 = all)")
+
+    for name, sp in sub.choices.items():  # --debug is accepted after the command too
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -107,7 +124,8 @@ def _add_eval_parser(sub) -> None:
                    help="session.qdq_matmulnbits_accuracy_level: 0 = exact (default); 4 = int8 activations in "
                         "MatMulNBits; 'default' leaves onnxruntime's choice")
     e.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    e.add_argument("--progress", action="store_true", help="show progress bars")
+    e.add_argument("--quiet", action="store_true", help="no progress bars (they go to stderr)")
+    e.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for scripts
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
@@ -161,7 +179,7 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_summary(result) -> str:
+def format_summary(result, top: int = 10) -> str:
     cfg = result.config
     lines = [
         f"wrote {result.output_path} ({result.output_bytes / 1e6:.1f} MB), {len(result.layers)} weights, "
@@ -176,7 +194,7 @@ def format_summary(result) -> str:
         "worst layers (relative output error ||XW - X~Q|| / ||XW||):",
         f"{'node (weight)':<48} {'shape':>12} {cfg.rounding.algorithm:>9} {'rtn':>9}  status",
     ]
-    for r in result.worst_layers(10):
+    for r in result.worst_layers(top if top > 0 else len(result.layers)):
         shape = "x".join(map(str, r.shape))
         # exporters name weights val_123; the consuming node's name is what a user finds in the graph
         label = (r.nodes[0] + (f" +{len(r.nodes) - 1}" if len(r.nodes) > 1 else "") if r.nodes else "") \
@@ -234,8 +252,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-
     from .eval.report import EvalData, EvalOptions, evaluate, options_dict, side_by_side
 
     opts = EvalOptions(tokenizer=args.tokenizer, text=args.text, seq_len=args.seq_len,
@@ -248,15 +264,113 @@ def _eval(args: argparse.Namespace) -> int:
         found = default_tokenizer(args.model, args.compare)
         opts.tokenizer = str(found) if found else None
     tasks = list(dict.fromkeys(args.task))
+    if args.json:  # before the (long) evaluation, not after it
+        _check_writable(args.json, "--json")
+    if args.compare:
+        _check_same_inputs(args.model, args.compare)
     data = EvalData(opts)
     results = {}
     for model in [args.model] + ([args.compare] if args.compare else []):
-        results[model] = evaluate(model, tasks, opts, data, quiet=not args.progress)
+        results[model] = evaluate(model, tasks, opts, data, quiet=args.quiet)
     print(side_by_side(results))
     if args.json:
         payload = {"tool": f"qronos-onnx {__version__}", "options": options_dict(opts), "tasks": tasks,
                    "models": results}
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _input_signature(path: str) -> dict[str, str] | None:
+    """graph input name -> 'type [dims]' of an ONNX file (weights not loaded); None if it cannot be read here."""
+    import onnx
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - missing or corrupt: evaluate() says so in its own words
+        return None
+    inits = {i.name for i in model.graph.initializer}
+    out = {}
+    for v in model.graph.input:
+        if v.name in inits:
+            continue
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else "?" for d in t.shape.dim]
+        out[v.name] = f"{onnx.TensorProto.DataType.Name(t.elem_type).lower()} [{', '.join(map(str, dims))}]"
+    return out
+
+
+def _check_same_inputs(model: str, other: str) -> None:
+    """--compare runs both models on the same data: refuse, before any work, models that take different inputs."""
+    a, b = _input_signature(model), _input_signature(other)
+    if a is None or b is None or a == b:
+        return
+    diff = [f"{n}: {a.get(n, 'absent')} vs {b.get(n, 'absent')}" for n in dict.fromkeys([*a, *b])
+            if a.get(n) != b.get(n)]
+    raise ConfigError(f"--compare: {Path(model).name} and {Path(other).name} take different inputs "
+                      f"({'; '.join(diff)}); compare a model with its own quantized version")
+
+
+def _check_writable(path: str, flag: str) -> None:
+    import os
+
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path!r} is a directory; give a file name")
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path!r}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag} {path!r}: folder {str(parent)!r} is not writable")
+
+
+def load_report(path: str | Path):
+    """A QuantResult rebuilt from ``OUT.report.json`` (what ``format_summary`` prints); one-line ConfigErrors."""
+    import dataclasses
+
+    from .api import LayerReport, QuantResult
+    from .config import QuantConfig
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"report file {str(p)!r} does not exist" if not p.exists()
+                          else f"report {str(p)!r} is not a file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"report {p}:{err.lineno}:{err.colno}: not valid JSON: {err.msg}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"report {str(p)!r} cannot be read: {err}") from None
+    what = f"report {str(p)!r} is not a qronos-onnx report"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} (a JSON {type(data).__name__}, expected an object)")
+    missing = [k for k in ("output", "config", "layers") if k not in data]
+    if missing:
+        raise ConfigError(f"{what} (no {', '.join(repr(k) for k in missing)})")
+    if not isinstance(data["layers"], list) or not all(isinstance(x, dict) for x in data["layers"]):
+        raise ConfigError(f"{what} ('layers' must be a list of objects)")
+    known = {f.name for f in dataclasses.fields(LayerReport)}
+    layers = []
+    for i, entry in enumerate(data["layers"]):
+        try:
+            layers.append(LayerReport(**{k: v for k, v in entry.items() if k in known}))
+        except TypeError as err:
+            raise ConfigError(f"{what} (layer {i}: {err})") from None
+        if not all(isinstance(getattr(layers[-1], k), (int, float)) for k in ("rel_error", "rtn_rel_error")):
+            raise ConfigError(f"{what} (layer {i}: rel_error and rtn_rel_error must be numbers)")
+    if not isinstance(data["config"], dict):
+        raise ConfigError(f"{what} ('config' must be an object)")
+    config = QuantConfig.from_dict(data["config"], source=f"report {p.name}: config")
+    out = Path(str(data["output"]))
+    timings = data.get("timings_seconds") or {}
+    return QuantResult(output_path=out, config_path=out.with_name(out.name + ".config.yaml"), report_path=p,
+                       config=config, layers=layers,
+                       timings={k: float(v) for k, v in timings.items() if isinstance(v, (int, float))},
+                       n_samples=int(data.get("calibration_samples") or 0),
+                       output_bytes=int(data.get("output_bytes") or 0))
+
+
+def _report(args: argparse.Namespace) -> int:
+    print(format_summary(load_report(args.report), top=args.top))
     return 0
 
 
@@ -266,16 +380,46 @@ def _recipes(_args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = {"quantize": _quantize, "inspect": _inspect, "recipes": _recipes, "eval": _eval, "report": _report}
+
+
+def one_line(text: object) -> str:
+    """A message on one line: its non-blank lines joined (onnxruntime and PyYAML write several)."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _user_error(err: BaseException) -> str | None:
+    """What the user did wrong, for the exceptions that are not bugs of this tool; None for the others."""
+    if isinstance(err, QronosError):
+        return one_line(err) or type(err).__name__
+    if isinstance(err, OSError) and err.strerror:  # a path the system refuses: missing, no permission, disk full
+        where = f": {err.filename!r}" if err.filename else ""
+        return f"{err.strerror}{where}"
+    if type(err).__module__.startswith("onnxruntime"):  # a model or input onnxruntime rejects, outside our checks
+        return f"onnxruntime rejected the model or its inputs: {one_line(err)}"
+    if isinstance(err, MemoryError):
+        return "out of memory (try --max-memory, fewer --samples, or a machine with more RAM)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     try:
-        return {"quantize": _quantize, "inspect": _inspect, "recipes": _recipes, "eval": _eval}[args.command](args)
-    except QronosError as err:
-        print(f"qronos-onnx: error: {err}", file=sys.stderr)
-        return err.exit_code
+        return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("qronos-onnx: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - the one place every failure becomes one line
+        if debug:
+            traceback.print_exc()
+        message = _user_error(err)
+        if message is not None:
+            print(f"qronos-onnx: error: {message}", file=sys.stderr)
+            return getattr(err, "exit_code", 2)
+        print(f"qronos-onnx: internal error: {type(err).__name__}: {one_line(err)}"
+              + ("" if debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

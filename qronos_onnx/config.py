@@ -66,7 +66,7 @@ class WeightQuantConfig:
             raise ConfigError(
                 f"weights.group_size must be a power of two >= 16 (what ONNX runtimes fuse), got {self.group_size}"
             )
-        if not 0.0 < float(self.minmax_scale) <= 1.0:
+        if not _is_number(self.minmax_scale) or not 0.0 < float(self.minmax_scale) <= 1.0:
             raise ConfigError(f"weights.minmax_scale must be in (0, 1], got {self.minmax_scale!r}")
         if self.narrow and not self.symmetric and self.bits != 2:
             raise ConfigError("weights.narrow with an asymmetric grid is only defined for 2 bits (ternary)")
@@ -162,10 +162,13 @@ class RoundingConfig:
     def validate(self) -> None:
         _choice("rounding.algorithm", self.algorithm, ALGORITHMS)
         _choice("rounding.stats_dtype", self.stats_dtype, STATS_DTYPES)
-        if self.damping is not None and not float(self.damping) >= 0.0:
+        if self.damping is not None and (not _is_number(self.damping) or not float(self.damping) >= 0.0):
             raise ConfigError(f"rounding.damping must be >= 0, got {self.damping!r}")
         if not isinstance(self.block_size, int) or self.block_size < 0:
             raise ConfigError(f"rounding.block_size must be >= 0, got {self.block_size!r}")
+
+
+CAPTURE_THREADS = 2
 
 
 @dataclass
@@ -178,9 +181,16 @@ class CaptureConfig:
     seq_len: int = 256  # window length when calibration data is text
     batch_size: int = 1  # calibration samples per onnxruntime call
     special_tokens: bool = False  # text: wrap each window in the tokenizer's special tokens ([CLS] ... [SEP])
+    # onnxruntime intra-op threads for the capture sessions. Fixed, not the core count: onnxruntime's MatMul with a
+    # weight fed as an input (how capture runs both streams through one session) blocks its inner sum by the share
+    # of columns each thread gets, so the captured activations, and from them the codes, depend on the thread count.
+    # 0 = every core (faster on many cores; the output then depends on the machine).
+    threads: int = CAPTURE_THREADS
 
     def validate(self) -> None:
         _choice("capture.reference", self.reference, REFERENCE_MODES)
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 0:
+            raise ConfigError(f"capture.threads must be an integer >= 0 (0 = every core), got {self.threads!r}")
         if not isinstance(self.max_memory, int) or self.max_memory < 0:
             raise ConfigError(f"capture.max_memory must be a byte count >= 0, got {self.max_memory!r}")
         if self.samples is not None and (not isinstance(self.samples, int) or self.samples < 1):
@@ -270,6 +280,10 @@ class QuantConfig:
         return QuantConfig.from_dict(data, source="flags")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
@@ -341,6 +355,14 @@ def list_recipes() -> dict[str, str]:
     return out
 
 
+def yaml_error_line(err: Exception, path: Path | str) -> str:
+    """PyYAML's several-line message (with a ``^`` under the spot) as one line: file:line:column: problem."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = " ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
+    return f"{where}: not valid YAML: {problem or str(err).splitlines()[0]}"
+
+
 def load_recipe(name_or_path: str) -> QuantConfig:
     """A built-in recipe by name, or a YAML file by path."""
     path = Path(name_or_path)
@@ -356,5 +378,7 @@ def load_recipe(name_or_path: str) -> QuantConfig:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {err}") from None
+        raise ConfigError(f"recipe {yaml_error_line(err, path)}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"recipe {str(path)!r} cannot be read: {err}") from None
     return QuantConfig.from_dict(data or {}, source=f"recipe {path.name}")

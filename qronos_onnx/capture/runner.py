@@ -501,7 +501,8 @@ class CaptureEngine:
         return self._store.get(key)
 
     def _runner(self, seg: Segment, example: Mapping[str, np.ndarray], hook: GraphHook | None) -> SegmentRunner:
-        return SegmentRunner(self.model, seg, example, providers=self.providers, graph_hook=hook, index=self._index)
+        return SegmentRunner(self.model, seg, example, providers=self.providers, graph_hook=hook, index=self._index,
+                             threads=self.cfg.threads)
 
     def _run(self, runner: SegmentRunner, feeds: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray],
              c: int) -> dict[str, np.ndarray]:

@@ -75,6 +75,17 @@ def window_nll(logits: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor
     return out
 
 
+def progress(total: int, desc: str, unit: str, quiet: bool):
+    """A tqdm bar on stderr (redrawn at most every 5 s when stderr is not a terminal, e.g. a log); off when quiet."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, disable=quiet, leave=False, file=sys.stderr,
+                mininterval=0.1 if tty else 5.0)
+
+
 def make_session(model, providers=None, session_options=None, accuracy_level: int | None = 0):
     """An onnxruntime session for ``model`` (path or ModelProto) with the MatMulNBits accuracy level set.
 
@@ -159,9 +170,7 @@ def perplexity(model_path, token_ids: np.ndarray, *, seq_len: int = 256, max_win
     if vocab is not None and max_id >= vocab:
         raise ConfigError(f"token id {max_id} is outside the model's vocabulary of {vocab}")
     total = 0.0
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(wins), desc=f"perplexity x{seq_len}", unit="win", disable=quiet) as bar:
+    with progress(len(wins), f"perplexity x{seq_len}", "win", quiet) as bar:
         for start in range(0, len(wins), int(batch_size)):
             ids = wins[start:start + int(batch_size)]
             try:

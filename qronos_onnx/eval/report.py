@@ -154,7 +154,7 @@ def evaluate(model: str | os.PathLike, tasks: list[str], options: EvalOptions | 
             data.articles = load_articles()
         res = encoder_tasks(model, _tokenizer(data, models), enc_tasks, articles=data.articles,
                             n_articles=opts.articles, seed=opts.seed, batch_size=opts.batch_size or 64,
-                            accuracy_level=opts.accuracy_level)
+                            accuracy_level=opts.accuracy_level, quiet=quiet)
         if "retrieval" in res:
             r = res["retrieval"]
             out["retrieval"] = {"metrics": {"top1": r.top1, "mrr": r.mrr}, "details": r.as_dict()}
@@ -166,7 +166,7 @@ def evaluate(model: str | os.PathLike, tasks: list[str], options: EvalOptions | 
 
         x, y = _images(data)
         r = classify(model, x, y, batch_size=opts.batch_size or 1000, accuracy_level=opts.accuracy_level,
-                     source=data.image_source)
+                     source=data.image_source, quiet=quiet)
         out["classify"] = {"metrics": {"top1": r.top1}, "details": r.as_dict()}
     for task in out:
         out[task]["protocol"] = describe(task, opts, data)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import CalibrationError, ConfigError, ModelError
-from .perplexity import make_session
+from .perplexity import make_session, progress
 
 ENCODER_ARTICLES = 2000
 TOPIC_TRAIN, TOPIC_TEST = 1500, 500
@@ -210,8 +210,9 @@ class SentenceEncoder:
     """An ONNX encoder (input_ids [+ attention_mask, token_type_ids] -> hidden states) plus its tokenizer."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64, max_length: int = MAX_LENGTH,
-                 accuracy_level: int | None = 0, providers=None):
+                 accuracy_level: int | None = 0, providers=None, quiet: bool = True):
         self.session = make_session(model, providers, None, accuracy_level)
+        self.quiet = quiet
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
@@ -230,6 +231,7 @@ class SentenceEncoder:
         texts = list(texts)
         order = np.argsort([len(t) for t in texts], kind="stable")
         out: torch.Tensor | None = None
+        bar = progress(len(texts), "embed", "text", self.quiet)
         for start in range(0, len(texts), self.batch_size):
             idx = order[start:start + self.batch_size]
             enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length,
@@ -241,7 +243,11 @@ class SentenceEncoder:
                 if arr is None:  # a tokenizer without token type ids: one segment
                     arr = np.zeros_like(mask)
                 feeds[name] = np.asarray(arr).astype(dtype)
-            hidden = self.session.run(None, feeds)[0]
+            try:
+                hidden = self.session.run(None, feeds)[0]
+            except Exception as err:
+                raise ModelError(f"onnxruntime cannot run the encoder on a batch of {len(idx)} texts (inputs "
+                                 f"{ {n: list(a.shape) for n, a in feeds.items()} }): {_first_line(err)}") from None
             if hidden.ndim == 3:
                 emb = mean_pool(hidden, mask)
             elif hidden.ndim == 2:  # an encoder exported with its own pooling
@@ -252,13 +258,15 @@ class SentenceEncoder:
             if out is None:
                 out = torch.empty(len(texts), emb.shape[1], dtype=torch.float32)
             out[torch.as_tensor(idx)] = emb
+            bar.update(len(idx))
+        bar.close()
         return out
 
 
 def encoder_tasks(model, tokenizer, tasks: Sequence[str] = ("retrieval", "topic"), *,
                   articles: dict[str, dict] | None = None, n_articles: int = ENCODER_ARTICLES, seed: int = 0,
                   batch_size: int = 64, accuracy_level: int | None = 0, providers=None,
-                  topic_sizes: tuple[int, int] = (TOPIC_TRAIN, TOPIC_TEST)
+                  topic_sizes: tuple[int, int] = (TOPIC_TRAIN, TOPIC_TEST), quiet: bool = True
                   ) -> dict[str, RetrievalResult | TopicResult]:
     """Run the retrieval and/or topic task on ``model``; the extract embeddings are computed once for both.
 
@@ -276,7 +284,7 @@ def encoder_tasks(model, tokenizer, tasks: Sequence[str] = ("retrieval", "topic"
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_hf_tokenizer(tokenizer)
     enc = SentenceEncoder(model, tokenizer, batch_size=batch_size,
-                          accuracy_level=accuracy_level, providers=providers)
+                          accuracy_level=accuracy_level, providers=providers, quiet=quiet)
     t0 = time.perf_counter()
     need = list(dict.fromkeys(keys + train + test))  # each extract is embedded once for both tasks
     row = {k: i for i, k in enumerate(need)}
@@ -348,8 +356,28 @@ def load_mnist_test() -> tuple[np.ndarray, np.ndarray]:
     return x, np.asarray(yte, dtype=np.int64)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) if text else type(err).__name__
+
+
+def _check_image_shape(name: str, model_shape, images_shape: tuple, source: str) -> None:
+    """Refuse, in the user's terms, images that do not fit the model's input (rank or a fixed dimension)."""
+    dims = list(model_shape or [])
+    if not dims:
+        return
+    per_image = list(images_shape[1:])
+    fixed = [d if isinstance(d, int) and d > 0 else None for d in dims[1:]]
+    if len(dims) != len(images_shape) or any(f is not None and f != g for f, g in zip(fixed, per_image)):
+        want = "x".join("?" if f is None else str(f) for f in fixed)
+        raise ModelError(f"the model's input {name!r} takes images of {want} ({dims}), but {source} are "
+                         f"{'x'.join(map(str, per_image))}; give --images NPZ with images shaped as the model "
+                         "takes them")
+
+
 def classify(model, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 1000,
-             accuracy_level: int | None = 0, providers=None, source: str = "arrays") -> ClassifyResult:
+             accuracy_level: int | None = 0, providers=None, source: str = "arrays",
+             quiet: bool = True) -> ClassifyResult:
     """Top-1 of ``model`` (one float input; first output = logits [batch, classes]) on ``images`` vs ``labels``."""
     t0 = time.perf_counter()
     if len(images) != len(labels) or len(images) == 0:
@@ -359,13 +387,24 @@ def classify(model, images: np.ndarray, labels: np.ndarray, *, batch_size: int =
     if len(inputs) != 1:
         raise ModelError(f"classification feeds one image input; the model has {[i.name for i in inputs]}")
     name = inputs[0].name
+    if inputs[0].type not in ("tensor(float)", "tensor(float16)"):
+        raise ModelError(f"classification feeds float images; the model's input {name!r} is {inputs[0].type}")
     dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
+    _check_image_shape(name, inputs[0].shape, images.shape, source)
     preds = []
-    for start in range(0, len(images), int(batch_size)):
-        logits = sess.run(None, {name: np.asarray(images[start:start + int(batch_size)], dtype=dtype)})[0]
-        if logits.ndim != 2:
-            raise ModelError(f"the model's first output has shape {logits.shape}; expected logits [batch, classes]")
-        preds.append(logits.argmax(1))
+    with progress(len(images), "classify", "img", quiet) as bar:
+        for start in range(0, len(images), int(batch_size)):
+            batch = np.asarray(images[start:start + int(batch_size)], dtype=dtype)
+            try:
+                logits = sess.run(None, {name: batch})[0]
+            except Exception as err:
+                raise ModelError(f"onnxruntime cannot run the model on images {start}..{start + len(batch) - 1} of "
+                                 f"{source} (shape {list(batch.shape)}): {_first_line(err)}") from None
+            if logits.ndim != 2:
+                raise ModelError(f"the model's first output has shape {logits.shape}; expected logits "
+                                 "[batch, classes]")
+            preds.append(logits.argmax(1))
+            bar.update(len(batch))
     top1 = float((np.concatenate(preds) == np.asarray(labels)).mean())
     return ClassifyResult(top1, int(len(labels)), time.perf_counter() - t0,
                           None if accuracy_level is None else int(accuracy_level), source)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -285,8 +286,32 @@ def damped_inverse(H: torch.Tensor, lam: torch.Tensor, *, max_retries: int = MAX
     return Factor(M=M, U=U, lam=lam, retries=retries, ok=ok)
 
 
+@contextmanager
+def lapack_one_thread(device: torch.device):
+    """Run CPU LAPACK calls on one thread: MKL's Cholesky (potrf) and inverse (potri) split their blocks by thread
+    count, so their last bits (and, after rounding, up to a fifth of the codes) would depend on OMP_NUM_THREADS.
+    GEMMs are left alone: MKL partitions their outputs, never their inner sums, so they are thread-count invariant
+    (tests/test_determinism.py checks the whole pipeline). On a 2-core CPU the Cholesky of a 1536 x 1536 H costs
+    about the same on one thread."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _factor(H: torch.Tensor, lam: torch.Tensor, guard: float,
             keep_inverse: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    with lapack_one_thread(H.device):
+        return _factor_lapack(H, lam, guard, keep_inverse)
+
+
+def _factor_lapack(H: torch.Tensor, lam: torch.Tensor, guard: float,
+                   keep_inverse: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     Hd = H.clone()
     Hd.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
     L, info = torch.linalg.cholesky_ex(Hd)

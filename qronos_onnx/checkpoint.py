@@ -168,6 +168,9 @@ class Checkpoint:
                               "with the same inputs and options, or without --resume to start over")
         ckpt = cls(directory, fp, manifest)
         ckpt._sweep()
+        spill = manifest.get("spill_dir")
+        if spill and Path(spill).name.startswith("qronos-frontier-"):  # left behind by a run killed outright (OOM)
+            shutil.rmtree(spill, ignore_errors=True)
         return ckpt
 
     # -- what was done
@@ -262,7 +265,8 @@ class Checkpoint:
             self._write_npz(fname, arrays)
         manifest = {
             "format": FORMAT_VERSION, "fingerprint": self.fp, "wave": wave, "done": done, "total": total,
-            "next_serial": engine.frontier.next_serial, "frontier": frontier, "quant_w": quant_w,
+            "next_serial": engine.frontier.next_serial,
+            "spill_dir": str(engine.tmp_dir) if engine.tmp_dir is not None else None, "frontier": frontier, "quant_w": quant_w,
             "weight_order": list(quantized), "weights": {n: self._weight_meta[n] for n in quantized},
             "reports": [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in reports],
         }

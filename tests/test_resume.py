@@ -248,35 +248,43 @@ def cli_files(tmp_path):
     return model, calib, tmp
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_leaves_no_temp_files_and_resume_is_byte_identical(cli_files, tmp_path, sig, code):
-    model, calib, tmp = cli_files
-    env = _env(tmp)
-    args = [str(model), "--calib", str(calib), "--w4", "--max-memory", "2000", "--quiet"]
-    ref = _cli("quantize", *args, "-o", str(tmp_path / "ref.onnx"), env=env)
-    assert ref.returncode == 0, ref.stderr
-    out = tmp_path / "out" / "q.onnx"
+def _signal_mid_run(args: list[str], out: Path, tmp: Path, env: dict, sig: int) -> tuple[int, str]:
+    """Start the (slowed) CLI, send ``sig`` once wave 2 is checkpointed and the frontier has spilled."""
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLI, "quantize", *args, "-o", str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     manifest = ck.checkpoint_dir(out) / ck.MANIFEST
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if manifest.exists() and json.loads(manifest.read_text())["done"] >= 2:  # from wave 2 on the frontier has spilled
+        if manifest.exists() and json.loads(manifest.read_text())["done"] >= 2:  # from wave 2 on the frontier spills
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before a checkpoint was seen: " + proc.communicate()[1]
-    spills = list(tmp.glob("qronos-frontier-*"))
-    assert spills, "the frontier spills at this max_memory: the check below would prove nothing otherwise"
+    assert list(tmp.glob("qronos-frontier-*")), "the frontier spills here: else the checks would prove nothing"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == code, err
+    return proc.returncode, err
+
+
+ARGS = ["--w4", "--max-memory", "2000", "--quiet"]
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_leaves_no_temp_files_and_resume_is_byte_identical(cli_files, tmp_path, sig, code):
+    model, calib, tmp = cli_files
+    env = _env(tmp)
+    args = [str(model), "--calib", str(calib), *ARGS]
+    ref = _cli("quantize", *args, "-o", str(tmp_path / "ref.onnx"), env=env)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "out" / "q.onnx"
+    rc, err = _signal_mid_run(args, out, tmp, env, sig)
+    assert rc == code, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qronos-onnx: interrupted after wave ") \
         and lines[0].endswith("; rerun with --resume to continue"), err
     assert not list(tmp.glob("qronos-frontier-*")), "the spill folder is deleted"
     assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx.qronos-resume"], "no partial output"
     assert not [p for p in ck.checkpoint_dir(out).iterdir() if p.name.endswith(".tmp")]
-    done = json.loads(manifest.read_text())["done"]
+    done = ck.read_manifest(out)["done"]
     assert lines[0].startswith(f"qronos-onnx: interrupted after wave {done} of ")
 
     res = _cli("quantize", *args, "-o", str(out), "--resume", env=env)
@@ -303,3 +311,20 @@ def test_cli_resume_refusals_are_one_line(cli_files, tmp_path, monkeypatch):
     assert r.stderr.startswith(f"qronos-onnx: error: checkpoint at {out}.qronos-resume was made with a different "
                                "config/model: weights.bits 4 -> 3"), r.stderr
     assert not out.exists() and ck.read_manifest(out)["done"] == 1
+
+
+def test_resume_after_sigkill_removes_the_dead_runs_spill_folder(cli_files, tmp_path):
+    model, calib, tmp = cli_files
+    env = _env(tmp)
+    args = [str(model), "--calib", str(calib), *ARGS]
+    out = tmp_path / "q.onnx"
+    rc, _ = _signal_mid_run(args, out, tmp, env, signal.SIGKILL)  # out of memory: no cleanup can run
+    assert rc == -signal.SIGKILL
+    dead = ck.read_manifest(out)["spill_dir"]
+    assert dead and Path(dead).is_dir() and not out.exists()
+    res = _cli("quantize", *args, "-o", str(out), "--resume", env=env)
+    assert res.returncode == 0, res.stderr
+    assert not Path(dead).exists() and not list(tmp.glob("qronos-frontier-*"))
+    ref = tmp_path / "ref.onnx"
+    assert _cli("quantize", *args, "-o", str(ref), env=env).returncode == 0
+    assert _sha(out) == _sha(ref)

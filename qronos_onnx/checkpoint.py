@@ -143,10 +143,12 @@ class Checkpoint:
         self._weight_file: dict[str, str] = {}  # quantized weight name -> npz holding it
         self._weight_meta: dict[str, dict] = {}
         self._quant_w_file: dict[str, str] = {}
+        self._next_w = 0  # w<i>.npy: i never reused (a kept file may have any number)
         if manifest is not None:
             self._present = set(_referenced(manifest))
             self._weight_meta = dict(manifest["weights"])
             self._quant_w_file = dict(manifest["quant_w"])
+            self._next_w = 1 + max((int(f[1:-4]) for f in self._quant_w_file.values()), default=-1)
 
     # -- opening
     @classmethod
@@ -229,7 +231,7 @@ class Checkpoint:
              reports: Sequence[Any]) -> None:
         """Checkpoint the state after ``wave`` (``done`` of ``total`` waves with targets are complete).
 
-        Ctrl-C and SIGTERM wait until the save is complete (they are blocked meanwhile), so that what the
+        Ctrl-C and SIGTERM wait until the save is complete (they are held back meanwhile), so that what the
         interrupted run reports is what is on disk; a harder kill mid-save leaves the previous wave's checkpoint.
         """
         with _signals_deferred():
@@ -249,7 +251,9 @@ class Checkpoint:
             frontier.append({"key": list(key), "serial": serial, "file": name})
         quant_w = {}
         for wname, arr in engine.kept_weights().items():
-            fname = self._quant_w_file.get(wname) or f"w{len(self._quant_w_file):06d}.npy"
+            fname = self._quant_w_file.get(wname)
+            if fname is None:
+                fname, self._next_w = f"w{self._next_w:06d}.npy", self._next_w + 1
             if fname not in self._present:
                 self._write_array(fname, arr)
             self._quant_w_file[wname] = quant_w[wname] = fname
@@ -338,15 +342,29 @@ def open_checkpoint(output: str | os.PathLike, model_path: str | os.PathLike,
 
 @contextlib.contextmanager
 def _signals_deferred():
-    """Block SIGINT and SIGTERM (main thread, POSIX); one that arrives meanwhile is raised on leaving."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """Hold back Ctrl-C and our SIGTERM while the block runs; one that arrived is raised on leaving it.
+
+    Done with Python-level handlers, not a signal mask: onnxruntime's and torch's worker threads do not share the
+    main thread's mask, so a masked signal would be taken by one of them and still raised in the middle of the block.
+    Handlers set by a user are left alone (only the main thread may set handlers; elsewhere nothing is deferred).
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    pending: list[int] = []
+    saved = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is signal.default_int_handler or handler is _raise_terminated:
+            saved[sig] = handler
+            signal.signal(sig, lambda signum, _frame: pending.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        if pending:
+            saved[pending[0]](pending[0], None)  # raises KeyboardInterrupt / Terminated now
 
 
 def read_manifest(output: str | os.PathLike) -> dict[str, Any]:

@@ -328,3 +328,44 @@ def test_resume_after_sigkill_removes_the_dead_runs_spill_folder(cli_files, tmp_
     ref = tmp_path / "ref.onnx"
     assert _cli("quantize", *args, "-o", str(ref), env=env).returncode == 0
     assert _sha(out) == _sha(ref)
+
+
+def test_ctrl_c_during_a_save_waits_for_it(tmp_path, monkeypatch):
+    model = _save(tm.transformer(n_blocks=1), tmp_path / "m.onnx")
+    out = tmp_path / "q.onnx"
+    orig = ck.Checkpoint._write_bytes
+    calls = []
+
+    def write(self, name, data):  # Ctrl-C arrives on the 2nd save, after its arrays, before its manifest
+        calls.append(name)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        orig(self, name, data)
+
+    monkeypatch.setattr(ck.Checkpoint, "_write_bytes", write)
+    with pytest.raises(KeyboardInterrupt) as info:
+        quantize(model, tm.transformer_inputs(n=2), out, load_recipe("w4"), quiet=True)
+    assert info.value.qronos_progress[0] == 2 and ck.read_manifest(out)["done"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+class _FakeEngine:
+    def __init__(self, kept: dict):
+        self.frontier = FrontierStore(1 << 20)
+        self.tmp_dir = None
+        self._kept = kept
+
+    def kept_weights(self):
+        return dict(self._kept)
+
+
+def test_checkpoint_never_reuses_a_kept_weight_file_name(tmp_path):
+    out = tmp_path / "q.onnx"
+    a, b, c, p, q = (np.full(3, v, np.float32) for v in range(5))
+    ckpt = ck.Checkpoint.fresh(out, {"x": 1})
+    ckpt.save(_FakeEngine({"a": a, "b": b, "c": c}), 0, 1, 3, {}, [])
+    ckpt.save(_FakeEngine({"c": c}), 1, 2, 3, {}, [])  # a and b are read by no later segment: their files go
+    ckpt = ck.Checkpoint.load(out, {"x": 1})  # a resumed run
+    ckpt.save(_FakeEngine({"c": c, "p": p, "q": q}), 2, 3, 3, {}, [])
+    kept = ck.Checkpoint.load(out, {"x": 1}).engine_state().quant_w()
+    assert {k: float(v[0]) for k, v in kept.items()} == {"c": 2.0, "p": 3.0, "q": 4.0}

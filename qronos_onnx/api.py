@@ -19,6 +19,7 @@ from . import __version__
 from .calib import load_calibration
 from .capture import CaptureEngine
 from .capture.act_calib import plan_activations, required_opset
+from .checkpoint import open_checkpoint, read_manifest, sigterm_as_interrupt
 from .config import QuantConfig
 from .errors import ConfigError, ModelError
 from .export import export_model, validate_export
@@ -84,17 +85,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@sigterm_as_interrupt
 def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config: QuantConfig | None = None, *,
-             tokenizer: str | None = None, overwrite: bool = False, quiet: bool = False) -> QuantResult:
+             tokenizer: str | None = None, overwrite: bool = False, quiet: bool = False, resume: bool = False,
+             checkpoint: bool = True) -> QuantResult:
     """Quantize ``model_path`` with calibration data ``calib`` and write the QDQ model to ``output_path``.
 
     ``calib`` is a directory of .npz files, one .npz, a text file (with ``tokenizer``), a list of feed dicts or an
     onnxruntime ``CalibrationDataReader``. The input model is never modified; the output is written atomically, with
     the resolved config (``.config.yaml``) and the per-layer report (``.report.json``) beside it.
+
+    After each wave the state is checkpointed in ``OUTPUT.qronos-resume/`` (``checkpoint=False``: not);
+    ``resume=True`` continues an interrupted run from there, with a byte-identical output (see checkpoint.py).
     """
     cfg = (config or QuantConfig()).validate()
     t_start = time.perf_counter()
     out = check_output_path(model_path, output_path, overwrite)  # the cheap refusals before any loading
+    if resume:
+        read_manifest(out)  # no checkpoint: say so before loading anything
     model = load_model(model_path)
     check_output_path(model_path, out, overwrite, inputs=run_inputs(model_path, model, calib, tokenizer))
     say = _status(quiet)
@@ -146,19 +154,30 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     acts = plan_activations(model, targets, samples, cfg.activations, cfg.capture, device=device, seed=cfg.seed)
     t_act_calib = time.perf_counter() - t0
 
-    quantized: dict[str, QuantizedWeight] = {}
-    reports: list[LayerReport] = []
+    ckpt = open_checkpoint(out, model_path, samples, cfg.to_dict(), resume)
+    quantized: dict[str, QuantizedWeight] = ckpt.quantized()
+    reports: list[LayerReport] = [LayerReport(**r) for r in ckpt.reports()]
     t_round = 0.0
     t_capture0 = time.perf_counter()
     with CaptureEngine(model, targets, samples, cfg.capture, device=device, stats_dtype=stats_dtype,
                        act_quant=acts.act_quant() if acts else None, graph_hook=acts.graph_hook if acts else None,
                        quiet=quiet) as engine:
-        for wave_targets, stats in engine.waves():
-            t0 = time.perf_counter()
-            new = _round_wave(model, wave_targets, stats, cfg, device, quantized, reports)
-            t_round += time.perf_counter() - t0
-            engine.set_weights(new)
-    t_capture = time.perf_counter() - t_capture0 - t_round
+        total, done = sum(1 for w in engine.schedule.waves if w), ckpt.done
+        if ckpt.manifest is not None:
+            engine.resume_from(ckpt.engine_state())
+        try:
+            for wave_targets, stats in engine.waves():
+                t0 = time.perf_counter()
+                new = _round_wave(model, wave_targets, stats, cfg, device, quantized, reports)
+                t_round += time.perf_counter() - t0
+                engine.set_weights(new)
+                done += 1
+                if checkpoint:
+                    ckpt.save(engine, engine.wave, done, total, quantized, reports)
+        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: say how far the checkpoint got (cli.py prints it)
+            err.qronos_progress = (ckpt.done if checkpoint else done, total, checkpoint and ckpt.done > 0)
+            raise
+    t_capture = time.perf_counter() - t_capture0 - t_round - ckpt.seconds
     for r in reports:
         r.transforms = sorted({x for n in r.nodes for x in transform_log.touched.get(n, [])})
 
@@ -195,7 +214,8 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
             config=cfg,
             layers=reports,
             timings={**({"act_calibration": t_act_calib} if acts and not cfg.activations.dynamic else {}),
-                     "capture": t_capture, "rounding": t_round, "export": t_export,
+                     "capture": t_capture, "rounding": t_round,
+                     **({"checkpoint": ckpt.seconds} if checkpoint else {}), "export": t_export,
                      "total": time.perf_counter() - t_start},
             n_samples=len(samples),
             output_bytes=_file_bytes(staged),
@@ -208,6 +228,7 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
                                                                         "(output validated by onnxruntime)")
         stage.write_text(report_path, json.dumps(report, indent=2))
         stage.commit()
+    ckpt.remove()
     return result
 
 

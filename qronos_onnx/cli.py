@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
+from .checkpoint import interrupt_report, sigterm_as_interrupt
 from .config import (ACT_CALIBRATIONS, ALGORITHMS, DIALECTS, FORMAT_SETTINGS, REFERENCE_MODES, SCALE_METHODS,
                      WEIGHT_FORMATS, QuantConfig, list_recipes, load_recipe, parse_bytes)
 from .errors import ConfigError, QronosError
@@ -88,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="process columns in their natural order instead of by decreasing diag(H)")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     q.add_argument("--quiet", action="store_true", help="no progress bars or table")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same OUTPUT from its last completed wave (checkpoint in "
+                        "OUTPUT.qronos-resume/); the result is byte-identical to an uninterrupted run")
+    q.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
+                   help="do not checkpoint after each wave (saves the disk space and write time; no --resume)")
 
     i = sub.add_parser("inspect", help="list a model's opset, inputs and quantizable nodes")
     i.add_argument("model")
@@ -173,7 +179,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     result = quantize(args.model, args.calib, args.output, cfg, tokenizer=args.tokenizer, overwrite=args.overwrite,
-                      quiet=args.quiet)
+                      quiet=args.quiet, resume=args.resume, checkpoint=args.checkpoint)
     if not args.quiet:
         print(format_summary(result))
     return 0
@@ -402,14 +408,16 @@ def _user_error(err: BaseException) -> str | None:
     return None
 
 
+@sigterm_as_interrupt  # SIGTERM unwinds like Ctrl-C: temp files deleted, no partial output, checkpoint kept
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
     try:
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("qronos-onnx: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C: 130, SIGTERM: 143
+        line, code = interrupt_report(err)
+        print(f"qronos-onnx: {line}", file=sys.stderr)
+        return code
     except Exception as err:  # noqa: BLE001 - the one place every failure becomes one line
         if debug:
             traceback.print_exc()

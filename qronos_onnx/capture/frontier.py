@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Hashable
+from typing import Hashable, Iterator
 
 import numpy as np
 
@@ -36,6 +36,8 @@ class FrontierStore:
         self.peak_disk_bytes = 0
         self.spilled = 0
         self._counter = 0
+        self._serial: dict[Hashable, int] = {}  # owned arrays: a number never reused (checkpoints name files by it)
+        self.next_serial = 0
         self._finalizer: weakref.finalize | None = None
 
     def __enter__(self) -> "FrontierStore":
@@ -54,10 +56,17 @@ class FrontierStore:
         self.drop(key)
         self._arrays[key] = arr
 
-    def put(self, key: Hashable, arr: np.ndarray) -> None:
-        """Keep ``arr`` (which the store now owns) in RAM, or on disk if the RAM budget is spent."""
+    def put(self, key: Hashable, arr: np.ndarray, *, serial: int | None = None) -> None:
+        """Keep ``arr`` (which the store now owns) in RAM, or on disk if the RAM budget is spent.
+
+        ``serial`` (restoring a checkpoint) keeps the array's number from the run that wrote it.
+        """
         self.drop(key)
         arr = np.asarray(arr)
+        if serial is None:
+            serial = self.next_serial
+        self._serial[key] = serial
+        self.next_serial = max(self.next_serial, serial + 1)
         if self.ram_bytes + arr.nbytes <= self.max_memory:
             self._arrays[key] = arr
             self._ram[key] = arr.nbytes
@@ -75,11 +84,17 @@ class FrontierStore:
     def get(self, key: Hashable) -> np.ndarray:
         return self._arrays[key]
 
+    def entries(self) -> Iterator[tuple[Hashable, np.ndarray, int | None, Path | None]]:
+        """(key, array, serial, spill file) of every entry; serial None: borrowed (the store does not own it)."""
+        for key, arr in self._arrays.items():
+            yield key, arr, self._serial.get(key), self._files.get(key)
+
     def drop(self, key: Hashable) -> None:
         arr = self._arrays.pop(key, None)
         if arr is None:
             return
         self.ram_bytes -= self._ram.pop(key, 0)
+        self._serial.pop(key, None)
         path = self._files.pop(key, None)
         if path is not None:
             self.disk_bytes -= arr.nbytes
@@ -91,6 +106,7 @@ class FrontierStore:
         self._arrays.clear()
         self._files.clear()
         self._ram.clear()
+        self._serial.clear()
         self.ram_bytes = self.disk_bytes = 0
         if self._finalizer is not None:
             self._finalizer()  # removes the folder once, and detaches

@@ -309,6 +309,7 @@ class CaptureEngine:
         for name, last in self.schedule.last_use.items():
             self._dying.setdefault(last, []).append(name)
         self._quant_w: dict[str, np.ndarray] = {}
+        self._restore = None  # checkpoint.EngineState to continue from (resume_from)
         self._pending: set[str] | None = None
         self._wave_weights: set[str] = set()
         self._wave = -1
@@ -341,6 +342,11 @@ class CaptureEngine:
         return self.schedule.node_count * len(self._chunks)
 
     @property
+    def wave(self) -> int:
+        """Index (in ``schedule.waves``) of the wave being yielded or last completed; -1 before the first."""
+        return self._wave
+
+    @property
     def tmp_dir(self):
         return self._store.tmp_dir
 
@@ -356,15 +362,21 @@ class CaptureEngine:
         self._started = True
         sched = self.schedule
         bar = tqdm(total=len(sched.segments), desc="capture", unit="wave", disable=self.quiet, leave=False)
+        start = 0
         try:
-            for c, chunk in enumerate(self._chunks):
-                for n, arr in chunk.feeds.items():
-                    if n in chunk.owned:
-                        self._store.put(("shared", n, c), arr)
-                    else:
-                        self._store.borrow(("shared", n, c), arr)
+            if self._restore is not None:
+                start = self._restore_state()
+                bar.update(start)
+            else:
+                for c, chunk in enumerate(self._chunks):
+                    for n, arr in chunk.feeds.items():
+                        if n in chunk.owned:
+                            self._store.put(("shared", n, c), arr)
+                        else:
+                            self._store.borrow(("shared", n, c), arr)
             self._chunks = [Chunk({}, set(), ch.n_samples) for ch in self._chunks]  # the store holds them now
-            for w, wave in enumerate(sched.waves):
+            for w in range(start, len(sched.waves)):
+                wave = sched.waves[w]
                 self._wave = w
                 names = [t.name for t in wave]
                 bar.set_postfix_str(", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else ""))
@@ -384,6 +396,36 @@ class CaptureEngine:
             bar.close()
             if not self._closed:
                 self._store.close()
+
+    # -- checkpoints (see checkpoint.py)
+    def resume_from(self, state) -> None:
+        """Continue after wave ``state.wave`` of an earlier run: call before iterating ``waves()``.
+
+        ``state`` (a checkpoint.EngineState) gives the frontier after that wave and the rounded weights later
+        segments still compute with; ``waves()`` then starts at the next wave.
+        """
+        if self._started:
+            raise RuntimeError("resume_from() must be called before waves()")
+        if not -1 <= state.wave < len(self.schedule.waves):
+            raise ValueError(f"cannot resume after wave {state.wave}: the schedule has {len(self.schedule.waves)}")
+        self._restore = state
+
+    def _restore_state(self) -> int:
+        state, self._restore = self._restore, None
+        for key, serial, arr in state.frontier():
+            if arr is None:  # borrowed from the calibration chunks, rebuilt from the same calibration data
+                stream, name, c = key
+                self._store.borrow(key, self._chunks[c].feeds[name])
+            else:
+                self._store.put(key, arr, serial=serial)
+        self._store.next_serial = max(self._store.next_serial, state.next_serial)
+        self._quant_w = {n: np.asarray(a) for n, a in state.quant_w().items()}
+        self._wave = state.wave
+        return state.wave + 1
+
+    def kept_weights(self) -> dict[str, np.ndarray]:
+        """Rounded weights that later segments still compute with (part of the state a checkpoint keeps)."""
+        return dict(self._quant_w)
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """The quantized stream's weights for this wave: ONNX layout, cast to the model dtype, copied."""

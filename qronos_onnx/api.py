@@ -251,7 +251,9 @@ def _rotate(model, targets: list[Target], cfg: QuantConfig, samples, transform_l
             transform_log.notes.append(
                 f"fused rotation: D={fused.dim}, {fused.norms} norms folded, {len(fused.readers)} readers, "
                 f"{len(fused.writers)} writers, {len(fused.head_rotated)} v/o head pairs; float outputs moved by "
-                f"{fused.max_rel_diff:.1e} (relative)")
+                f"{fused.max_rel_diff:.1e} (relative)"
+                + (f"; tied head(s) {', '.join(fused.tied_heads)} keep reading the embedding table, their norm "
+                   f"scale as one {fused.dim}x{fused.dim} float MatMul" if fused.tied_heads else ""))
         except FusedRotationUnsupported as err:
             log.warning("warning: --rotate fused does not apply to this graph (at %s: %s); using online rotations "
                         "instead", err.node, err.why)

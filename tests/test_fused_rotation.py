@@ -192,7 +192,11 @@ def test_tied_head_read_through_transpose_is_untied_and_stays_float(llamas, tmp_
     feed = _feeds(tied)[0]
     fr = fuse_rotations(model, targets, feed, TransformLog(), run=run_float_model)
     assert head.name in fr.readers and len(fr.readers) == 5 * BLOCKS + 1
-    assert "tied_transpose" not in {n.name for n in model.graph}  # the untied head reads its own rotated table
+    assert fr.tied_heads == [head.name]  # still tied: the table is stored once, the final norm scale is a D x D MatMul
+    nodes = {n.name: n for n in model.graph}
+    assert "tied_transpose" in nodes and nodes[head.name].inputs[1].producer() is nodes["tied_transpose"]
+    assert sum(v.const_value.shape == (VOCAB, 64) for v in model.graph.initializers.values()
+               if v.const_value is not None) == 1
     out = tmp_path / "rot.onnx"
     save_model(model, out)
     for f in _feeds(tied, n=2, seq=9, seed=4):

@@ -77,6 +77,7 @@ class FusedRotation:
     head_rotated: list[tuple[str, str, int]]  # (v_proj, o_proj, head_dim)
     online: list[str]  # rotation nodes left in float (down_proj inputs)
     max_rel_diff: float = 0.0
+    tied_heads: list[str] = field(default_factory=list)  # heads reading the rotated table through a D x D MatMul
 
 
 # --------------------------------------------------------------------------------------------- graph helpers
@@ -422,6 +423,8 @@ class _Edits:
         self._values: list[tuple[ir.Value, object]] = []
         self._inputs: list[tuple[ir.Node, int, ir.Value]] = []
         self._added: list[str] = []
+        self._nodes: list[ir.Node] = []
+        self.tied_heads: list[str] = []
 
     def set(self, value: ir.Value, arr: np.ndarray) -> None:
         self._values.append((value, value.const_value))
@@ -462,6 +465,28 @@ class _Edits:
         self._inputs.append((node, index, old))
         node.replace_input_with(index, new)
 
+    def insert_matmul(self, node: ir.Node, M: np.ndarray, base: str) -> None:
+        """``node`` reads ``MatMul(x, M)`` instead of its input 0 ``x`` (M stays float)."""
+        x = node.inputs[0]
+        name, k = base, 0
+        while name in self._taken:
+            k += 1
+            name = f"{base}_{k}"
+        self._taken.add(name)
+        dtype = np.dtype(x.dtype.numpy() if x.dtype is not None else np.float32)
+        m = ir.Value(name=name, shape=ir.Shape(list(M.shape)), type=ir.TensorType(ir.DataType.from_numpy(dtype)),
+                     const_value=ir.Tensor(np.ascontiguousarray(M.astype(dtype)), name=name))
+        self.graph.register_initializer(m)
+        self._added.append(name)
+        mm = ir.node("MatMul", [x, m], name=f"{name}/MatMul")
+        mm.outputs[0].name = f"{name}/out"
+        mm.outputs[0].type = x.type
+        mm.outputs[0].shape = x.shape
+        self.graph.insert_before(node, mm)
+        self._nodes.append(mm)
+        self._inputs.append((node, 0, x))
+        node.replace_input_with(0, mm.outputs[0])
+
     def drop_orphans(self) -> None:
         """Initializers that only the replaced inputs read (a tied weight untied from both sides, say)."""
         for _, _, old in self._inputs:
@@ -475,6 +500,8 @@ class _Edits:
     def undo(self) -> None:
         for node, index, old in reversed(self._inputs):
             node.replace_input_with(index, old)
+        for node in reversed(self._nodes):
+            self.graph.remove(node, safe=True)
         for name in self._added:
             self.graph.initializers.pop(name, None)
         for value, tensor in reversed(self._values):
@@ -494,14 +521,23 @@ def _apply(model: ir.Model, p: _Plan, Q: np.ndarray, edits: _Edits) -> tuple[lis
     reader_nodes = {t.name for ts in p.readers.values() for t in ts}
     node_by_name = {n.name: n for n in graph}
     # 1. readers: W' = Q^T diag(gamma) W, and gamma := 1
+    written = {id(w.weight) for w in p.writers if w.kind == "gather"}
+    tied_transposes = {id(u) for v in p.transposed.values() for u, _ in v.uses() if u.op_type == "Transpose"}
+    tied_heads: list[str] = []
     done: dict[int, bool] = {}
     for n in p.norms:
         gamma = _const(n.gamma).astype(np.float64) if n.gamma is not None else np.ones(p.dim)
         for t in p.readers[n.output.name]:
             node = node_by_name[t.name]
-            if t.name in p.transposed:  # a tied head: its own rotated [D, V] copy of the table
-                table = p.transposed[t.name].const_value.numpy().astype(np.float64)
-                edits.new_input(node, 1, Q.T @ (gamma[:, None] * table.T), f"{p.transposed[t.name].name}_head")
+            if t.name in p.transposed:
+                src = p.transposed[t.name]
+                if id(src) in written:  # tied: the table becomes EQ; keep the tie, gamma as one D x D float MatMul
+                    if not np.array_equal(gamma, np.ones_like(gamma)):
+                        edits.insert_matmul(node, Q.T @ (gamma[:, None] * Q), f"{src.name}_head_scale")
+                        tied_heads.append(node.name)
+                    continue
+                table = src.const_value.numpy().astype(np.float64)  # its own rotated [D, V] copy
+                edits.new_input(node, 1, Q.T @ (gamma[:, None] * table.T), f"{src.name}_head")
                 continue
             w = _owned(edits, node, 1, lambda u, n=n: u.name in {r.name for r in p.readers[n.output.name]})
             if id(w) in done:
@@ -520,7 +556,7 @@ def _apply(model: ir.Model, p: _Plan, Q: np.ndarray, edits: _Edits) -> tuple[lis
     # 2. writers: W' = W Q (the stream leaves them rotated), biases b Q
     done = {}
     for w in p.writers:
-        allowed = {id(x.node) for x in p.writers if x.weight is w.weight}
+        allowed = {id(x.node) for x in p.writers if x.weight is w.weight} | tied_transposes
         wv = _owned(edits, w.node, 0 if w.kind == "gather" else 1, lambda u, a=allowed: id(u) in a)
         if id(wv) not in done:
             done[id(wv)] = True
@@ -544,6 +580,7 @@ def _apply(model: ir.Model, p: _Plan, Q: np.ndarray, edits: _Edits) -> tuple[lis
             b = _const(n.bias).astype(np.float64)
             bv = _owned(edits, n.node, 3, lambda u, n=n: u is n.node)
             edits.set(bv, b @ Q)
+    edits.tied_heads = tied_heads
     return sorted(reader_nodes), sorted(w.node.name for w in p.writers)
 
 
@@ -646,7 +683,8 @@ def fuse_rotations(model: ir.Model, targets: Sequence[Target], sample: Mapping[s
         transform_log.touch(t_v.name, f"rotate:head{hd}(output)")
         transform_log.touch(t_o.name, f"rotate:head{hd}(input)")
     return FusedRotation(dim=p.dim, norms=len(p.norms), readers=readers, writers=writers,
-                         head_rotated=[(a.name, b.name, hd) for a, b, hd in pairs], online=[], max_rel_diff=worst)
+                         head_rotated=[(a.name, b.name, hd) for a, b, hd in pairs], online=[], max_rel_diff=worst,
+                         tied_heads=list(edits.tied_heads))
 
 
 def _max_rel_diff(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:

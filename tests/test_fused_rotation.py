@@ -111,21 +111,23 @@ def test_fused_rotation_preserves_the_function_and_folds_norms(llamas, exporter,
         assert not np.array_equal(got, ref)  # the weights really changed
 
 
-def test_fused_w4a4_has_one_float_rotation_per_block(llamas, tmp_path):
+@pytest.mark.parametrize("recipe, per_block", [("w4", 1), ("w4a4", 2)])
+def test_fused_leaves_few_float_rotations(llamas, tmp_path, recipe, per_block):
+    """Weight-only: one online rotation per block (down_proj). W4A4: QuaRot's second one, at o_proj, too."""
     path = llamas["dynamo"]
     calib = tmp_path / "calib"
     calib.mkdir()
     for i, f in enumerate(_feeds(path, n=8, seq=16, seed=1)):
         np.savez(calib / f"s{i}.npz", **f)
-    cfg = load_recipe("w4a4").override({"transforms.rotate": "fused", "rounding.algorithm": "rtn"})
+    cfg = load_recipe(recipe).override({"transforms.rotate": "fused", "rounding.algorithm": "rtn"})
     res = quantize(path, calib, tmp_path / "q.onnx", cfg, quiet=True)
     q = onnx.load(str(tmp_path / "q.onnx"))
     rotations = [n for n in q.graph.node if n.op_type == "MatMul" and n.name.startswith(ROTATION_PREFIX)]
-    assert len(rotations) == BLOCKS  # the down_proj inputs only
+    assert len(rotations) == per_block * BLOCKS
     report = json.loads(res.report_path.read_text())
-    assert report["transforms"]["float_rotation_nodes"] == BLOCKS
+    assert report["transforms"]["float_rotation_nodes"] == per_block * BLOCKS
     touched = report["transforms"]["touched"]
-    assert sum("rotate:online(input)" in v for v in touched.values()) == BLOCKS
+    assert sum("rotate:online(input)" in v for v in touched.values()) == per_block * BLOCKS
     assert sum("rotate:fused(input)" in v for v in touched.values()) == 5 * BLOCKS + 1
     online = [r for r in res.layers if r.weight.startswith(ROTATION_PREFIX)]
     assert not online  # the float rotations are not quantized

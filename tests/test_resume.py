@@ -251,7 +251,9 @@ def cli_files(tmp_path):
 def _signal_mid_run(args: list[str], out: Path, tmp: Path, env: dict, sig: int) -> tuple[int, str]:
     """Start the (slowed) CLI, send ``sig`` once wave 2 is checkpointed and the frontier has spilled."""
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLI, "quantize", *args, "-o", str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a test run started in the background inherits SIGINT ignored: give the child Ctrl-C
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     manifest = ck.checkpoint_dir(out) / ck.MANIFEST
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -343,10 +345,14 @@ def test_ctrl_c_during_a_save_waits_for_it(tmp_path, monkeypatch):
         orig(self, name, data)
 
     monkeypatch.setattr(ck.Checkpoint, "_write_bytes", write)
-    with pytest.raises(KeyboardInterrupt) as info:
-        quantize(model, tm.transformer_inputs(n=2), out, load_recipe("w4"), quiet=True)
-    assert info.value.qronos_progress[0] == 2 and ck.read_manifest(out)["done"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # background jobs start with SIGINT ignored
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            quantize(model, tm.transformer_inputs(n=2), out, load_recipe("w4"), quiet=True)
+        assert info.value.qronos_progress[0] == 2 and ck.read_manifest(out)["done"] == 2
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 class _FakeEngine:

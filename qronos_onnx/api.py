@@ -28,6 +28,9 @@ from .graph.io import OutputStage, check_output_path, run_inputs
 from .graph.preflight import (check_free_space, check_input_model, describe_ops, estimate_output_bytes,
                               quantized_ops)
 from .graph.model import load_model
+from .transforms import TransformLog
+from .transforms.magr import magr_batch
+from .transforms.smoothquant import smooth_inputs
 from .transforms.online import rotate_inputs
 from .graph.targets import Target, find_targets, left_alone, untranspose_gemm_inputs, weight_matrix
 from .rounding import reconstruction_errors, round_weights
@@ -97,8 +100,9 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     targets = find_targets(model, cfg.exclude)
     exclude = list(cfg.exclude)
     rotations: list[str] = []
+    tlog = TransformLog()
     if cfg.transforms.rotate in ("online", "hadamard") and targets:
-        rotations = rotate_inputs(model, targets, seed=cfg.seed)
+        rotations = rotate_inputs(model, targets, seed=cfg.seed, log=tlog)
         exclude += [f"^{re.escape(name)}$" for name in rotations]  # the rotations stay float
         targets = find_targets(model, exclude)
     act_opset = required_opset(cfg.activations, sorted({np.dtype(t.weight_dtype).name for t in targets}))
@@ -132,6 +136,11 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     samples = load_calibration(calib, model, samples=cfg.capture.samples, seed=cfg.seed,
                                seq_len=cfg.capture.seq_len, tokenizer=tokenizer,
                                special_tokens=cfg.capture.special_tokens)
+    if cfg.transforms.smoothquant is not None:  # one float pass for the channel ranges (spec §4.1: after rotation)
+        smooth_inputs(model, targets, samples, cfg.transforms.smoothquant, batch_size=cfg.capture.batch_size, log=tlog)
+        targets = find_targets(model, exclude)
+    for t in targets if cfg.transforms.magr is not None else []:  # applied per wave in _round_wave
+        tlog.touch(t.name, f"magr(alpha={cfg.transforms.magr})")
     device = resolve_device(cfg.device)
     stats_dtype = torch.float64 if cfg.rounding.stats_dtype == "float64" else torch.float32
     t0 = time.perf_counter()
@@ -192,6 +201,9 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         )
         stage.write_text(config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         report = _report_dict(result, model_path)
+        report["transforms"] = tlog.to_dict()
+        for layer in report["layers"]:  # per target: the transforms that touched it
+            layer["transforms"] = list(dict.fromkeys(x for n in layer["nodes"] for x in tlog.touched.get(n, [])))
         report.update(left_float=skipped, gemm_transA_rewritten=rewritten,
                       input_checker="ok" if preflight.checker_ok else f"rejected: {preflight.checker_message} "
                                                                         "(output validated by onnxruntime)")
@@ -280,14 +292,17 @@ def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig
         G = torch.cat([u.stats.G for u in batch]).to(device)
         F = torch.cat([u.stats.F for u in batch]).to(device)
         t0 = time.perf_counter()
+        V = W  # MagR (spec §4.5, §2.4): grid and solver start from V = MagR(W) on the float F; W stays the reference
+        if cfg.transforms.magr is not None:
+            V, grid = magr_batch(batch, W, F, cfg, device)
         n_tokens = [u.stats.n_tokens for u in batch for _ in range(u.W.shape[0])]
-        res = round_weights(W.to(device), grid.to(device), H, G, cfg.rounding, act_quant=cfg.activations.enabled,
-                            seed=cfg.seed, n_tokens=n_tokens, device=device)
+        res = round_weights(V.to(device), grid.to(device), H, G, cfg.rounding, act_quant=cfg.activations.enabled,
+                            seed=cfg.seed, n_tokens=n_tokens, device=device, W0=None if V is W else W.to(device))
         seconds = (time.perf_counter() - t0) / len(batch)
         grid_d = grid.to(device)
         Q = grid_d.decode(res.codes.to(device).float())
         Wd = W.to(device).float()
-        Q_rtn = grid_d.round(Wd)
+        Q_rtn = grid_d.round(V.to(device).float())  # errors are against the original W either way
         err, rtn_err = (e.cpu() for e in reconstruction_errors(Wd, [Q, Q_rtn], H, G, F))
         codes = res.codes.cpu()
         b0 = 0

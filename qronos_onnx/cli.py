@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rotate every MatMul/Gemm input by a randomized Hadamard before quantizing ('online', the "
                         "default: kept in float at run time): spreads activation outliers, what INT4 activations "
                         "need on LLMs")
+    q.add_argument("--magr", nargs="?", const=0.01, type=float, metavar="ALPHA",
+                   help="MagR: shrink each weight row's largest magnitudes before rounding (200 proximal-gradient "
+                        "steps on the float inputs' Gram matrix; ALPHA default 0.01); for 2-3 bit weights")
+    q.add_argument("--smoothquant", type=float, metavar="ALPHA",
+                   help="SmoothQuant: per-input-channel scales max|X|^ALPHA / max|W|^(1-ALPHA) folded into the "
+                        "preceding norm or MatMul (else an explicit Mul); for static INT8 activations, e.g. 0.5")
     q.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
                    help="regular expression on node names to leave in float (repeatable)")
     q.add_argument("--samples", type=int, help="use at most this many calibration samples")
@@ -127,6 +133,8 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         "capture.seq_len": args.seq_len,
         "capture.special_tokens": args.special_tokens,
         "transforms.rotate": args.rotate,
+        "transforms.magr": args.magr,
+        "transforms.smoothquant": args.smoothquant,
         "capture.reference": args.reference,
         "capture.max_memory": parse_bytes(args.max_memory, "--max-memory") if args.max_memory else None,
         "rounding.damping": args.damping,

@@ -10,9 +10,10 @@ from .config import (ACT_CALIBRATIONS, ALGORITHMS, DIALECTS, FORMAT_SETTINGS, RE
                      WEIGHT_FORMATS, QuantConfig, list_recipes, load_recipe, parse_bytes)
 from .errors import ConfigError, QronosError
 
-# flag -> recipe; the last five quantize activations too (recipes/*.yaml say how)
-PRESETS = {"w8": "w8", "w4": "w4", "w3": "w3", "w2": "w2", "w4a4": "w4a4", "w4a8": "w4a8", "w8a8": "w8a8",
-           "mxfp4": "mxfp4", "fp8": "fp8"}
+# flag -> recipe; the last five quantize activations too (recipes/*.yaml say how). --w2 / --w158 are HIP (Hadamard
+# rotation) + MagR, as the paper's 2-bit runs; the plain 2-bit recipe stays available as --recipe w2.
+PRESETS = {"w8": "w8", "w4": "w4", "w3": "w3", "w2": "w2-hip-magr", "w158": "w158-hip-magr", "w4a4": "w4a4",
+           "w4a8": "w4a8", "w8a8": "w8a8", "mxfp4": "mxfp4", "fp8": "fp8"}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -180,3 +180,23 @@ def test_pipeline_error_is_against_the_original_weights(tmp_path, algo):
     rel_v = np.linalg.norm(X @ V - Yq) / np.linalg.norm(X @ V)
     assert abs(rel_v - rel) > 1e-2 * rel, (rel_v, rel)  # ... and the report does not measure against them
     assert layer["transforms"] == ["magr(alpha=0.3)"]
+
+
+def test_low_bit_presets_are_hip_plus_magr_and_the_plain_w2_recipe_stays():
+    from qronos_onnx.cli import build_parser, config_from_args
+
+    def cfg(*flags):
+        return config_from_args(build_parser().parse_args(["quantize", "m.onnx", "--calib", "c", "-o", "o.onnx",
+                                                            *flags]))
+    w2 = cfg("--w2")
+    assert (w2.weights.bits, w2.weights.symmetric, w2.weights.minmax_scale, w2.weights.narrow) == (2, False, 0.8, False)
+    assert (w2.transforms.rotate, w2.transforms.magr, w2.rounding.algorithm) == ("online", 0.01, "qronos")
+    w158 = cfg("--w158")
+    assert (w158.weights.bits, w158.weights.narrow, w158.transforms.magr) == (2, True, 0.01)
+    from qronos_onnx.formats.grid import int_range
+
+    assert int_range(2, w158.weights.symmetric, w158.weights.narrow) == (0, 2)  # three levels
+    plain = cfg("--recipe", "w2")
+    assert (plain.weights.bits, plain.transforms.rotate, plain.transforms.magr) == (2, "none", None)
+    for name in ("w4a4-quarot", "mxfp4-quarot"):
+        assert load_recipe(name).transforms.rotate == "online" and load_recipe(name).activations.dynamic

@@ -31,6 +31,8 @@ from .graph.preflight import (check_free_space, check_input_model, describe_ops,
 from .graph.model import load_model
 from .transforms import TransformLog
 from .transforms.fused import FusedRotationUnsupported, fuse_rotations
+from .transforms.magr import magr_batch
+from .transforms.smoothquant import smooth_inputs
 from .transforms.online import rotate_inputs
 from .transforms.verify import run_float_model
 from .graph.targets import (Target, find_targets, fold_constant_aliases, left_alone, untranspose_gemm_inputs,
@@ -148,6 +150,12 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
                     "report under left_float)", len(unexplained), shown, ", ..." if len(unexplained) > 3 else "")
     _check_group_size(cfg, targets)
     check_free_space(out, estimate_output_bytes(model, targets, _weight_bits(cfg)))
+    if cfg.transforms.smoothquant is not None:  # one float pass for the channel ranges (spec §4.1: after rotation)
+        smooth_inputs(model, targets, samples, cfg.transforms.smoothquant, batch_size=cfg.capture.batch_size,
+                      log=transform_log)
+        targets = [t for t in find_targets(model, exclude) if t.name in chosen]
+    for t in targets if cfg.transforms.magr is not None else []:  # applied per wave in _round_wave
+        transform_log.touch(t.name, f"magr(alpha={cfg.transforms.magr})")
     device = resolve_device(cfg.device)
     stats_dtype = torch.float64 if cfg.rounding.stats_dtype == "float64" else torch.float32
     t0 = time.perf_counter()
@@ -260,14 +268,7 @@ def _rotate(model, targets: list[Target], cfg: QuantConfig, samples, transform_l
             log.warning("warning: --rotate fused does not apply to this graph (at %s: %s); using online rotations "
                         "instead", err.node, err.why)
             transform_log.notes.append(f"fused rotation not applied (at {err.node}: {err.why}); online instead")
-    rotations = rotate_inputs(model, online_targets, seed=cfg.seed)
-    rotated = set(rotations)
-    for node in model.graph:
-        if node.name in rotated:
-            for user, _ in node.outputs[0].uses():
-                transform_log.touch(user.name, "rotate:online(input)")
-    transform_log.float_rotations = rotations
-    return rotations
+    return rotate_inputs(model, online_targets, seed=cfg.seed, log=transform_log)
 
 
 def _status(quiet: bool):
@@ -350,14 +351,17 @@ def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig
         G = torch.cat([u.stats.G for u in batch]).to(device)
         F = torch.cat([u.stats.F for u in batch]).to(device)
         t0 = time.perf_counter()
+        V = W  # MagR (spec §4.5, §2.4): grid and solver start from V = MagR(W) on the float F; W stays the reference
+        if cfg.transforms.magr is not None:
+            V, grid = magr_batch(batch, W, F, cfg, device)
         n_tokens = [u.stats.n_tokens for u in batch for _ in range(u.W.shape[0])]
-        res = round_weights(W.to(device), grid.to(device), H, G, cfg.rounding, act_quant=cfg.activations.enabled,
-                            seed=cfg.seed, n_tokens=n_tokens, device=device)
+        res = round_weights(V.to(device), grid.to(device), H, G, cfg.rounding, act_quant=cfg.activations.enabled,
+                            seed=cfg.seed, n_tokens=n_tokens, device=device, W0=None if V is W else W.to(device))
         seconds = (time.perf_counter() - t0) / len(batch)
         grid_d = grid.to(device)
         Q = grid_d.decode(res.codes.to(device).float())
         Wd = W.to(device).float()
-        Q_rtn = grid_d.round(Wd)
+        Q_rtn = grid_d.round(V.to(device).float())  # errors are against the original W either way
         err, rtn_err = (e.cpu() for e in reconstruction_errors(Wd, [Q, Q_rtn], H, G, F))
         codes = res.codes.cpu()
         b0 = 0

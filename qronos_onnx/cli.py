@@ -17,9 +17,10 @@ from .config import (ACT_CALIBRATIONS, ALGORITHMS, DIALECTS, FORMAT_SETTINGS, RE
                      WEIGHT_FORMATS, QuantConfig, list_recipes, load_recipe, parse_bytes)
 from .errors import ConfigError, QronosError
 
-# flag -> recipe; the last five quantize activations too (recipes/*.yaml say how)
-PRESETS = {"w8": "w8", "w4": "w4", "w3": "w3", "w2": "w2", "w4a4": "w4a4", "w4a8": "w4a8", "w8a8": "w8a8",
-           "mxfp4": "mxfp4", "fp8": "fp8"}
+# flag -> recipe; the last five quantize activations too (recipes/*.yaml say how). --w2 / --w158 are HIP (Hadamard
+# rotation) + MagR, as the paper's 2-bit runs; the plain 2-bit recipe stays available as --recipe w2.
+PRESETS = {"w8": "w8", "w4": "w4", "w3": "w3", "w2": "w2-hip-magr", "w158": "w158-hip-magr", "w4a4": "w4a4",
+           "w4a8": "w4a8", "w8a8": "w8a8", "mxfp4": "mxfp4", "fp8": "fp8"}
 
 
 INTERNAL_ERROR = 3  # exit code of an unexpected exception (a bug); bad inputs exit 2 (QronosError.exit_code)
@@ -67,8 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hadamard rotations before quantizing, which spread activation outliers (what INT4 "
                         "activations need on LLMs): 'online' (default) puts a float rotation in front of every "
                         "MatMul/Gemm input; 'fused' folds them into the weights of a decoder's residual stream "
-                        "(QuaRot: one float rotation per block left, at down_proj), falling back to online when the "
+                        "(QuaRot: one float rotation per block left, at down_proj; two with quantized activations), falling back to online when the "
                         "graph is not a recognised pre-norm decoder")
+    q.add_argument("--magr", nargs="?", const=0.01, type=float, metavar="ALPHA",
+                   help="MagR: shrink each weight row's largest magnitudes before rounding (200 proximal-gradient "
+                        "steps on the float inputs' Gram matrix; ALPHA default 0.01); for 2-3 bit weights")
+    q.add_argument("--smoothquant", type=float, metavar="ALPHA",
+                   help="SmoothQuant: per-input-channel scales max|X|^ALPHA / max|W|^(1-ALPHA) folded into the "
+                        "preceding norm or MatMul (else an explicit Mul); for static INT8 activations, e.g. 0.5")
     q.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
                    help="regular expression on node names to leave in float (repeatable)")
     q.add_argument("--samples", type=int, help="use at most this many calibration samples")
@@ -153,6 +160,8 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         "capture.seq_len": args.seq_len,
         "capture.special_tokens": args.special_tokens,
         "transforms.rotate": args.rotate,
+        "transforms.magr": args.magr,
+        "transforms.smoothquant": args.smoothquant,
         "capture.reference": args.reference,
         "capture.max_memory": parse_bytes(args.max_memory, "--max-memory") if args.max_memory else None,
         "rounding.damping": args.damping,

@@ -225,13 +225,23 @@ ROTATIONS = ("none", "online", "fused", "hadamard")  # hadamard: the old name of
 class TransformConfig:
     """Graph transforms applied to the float model before anything is captured. ``rotate: online`` puts a
     randomized Hadamard rotation in front of every MatMul / Gemm input (transforms/online.py; "hadamard" is its old
-    name); ``rotate: fused`` folds QuaRot rotations into a decoder's weights (transforms/fused.py): what INT4 activations
-    need on LLMs."""
+    name), what INT4 activations need on LLMs and HIP for low-bit weights; ``rotate: fused`` folds QuaRot rotations
+    into a decoder's weights (transforms/fused.py). ``magr: ALPHA`` reduces weight magnitudes before the grid is fit
+    (the pre-MagR weights stay the rounding reference); ``smoothquant: ALPHA`` migrates activation range into the
+    weights per input channel."""
 
     rotate: str = "none"
+    magr: float | None = None  # MagR alpha (transforms/magr.py; 0.01 in the paper); None: off
+    smoothquant: float | None = None  # SmoothQuant migration strength alpha in [0, 1] (transforms/smoothquant.py)
 
     def validate(self) -> None:
         _choice("transforms.rotate", self.rotate, ROTATIONS)
+        for key, top in (("magr", None), ("smoothquant", 1.0)):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0
+                                  or (top is not None and v > top) or (key == "magr" and v == 0)):
+                raise ConfigError(f"transforms.{key} must be " + ("a positive number (e.g. 0.01)" if key == "magr"
+                                  else "a number in [0, 1] (e.g. 0.5)") + f" or null (off), got {v!r}")
 
 
 @dataclass

@@ -7,9 +7,15 @@ by the rotated copy; the float model computes the same function up to float32 ro
 in float in the exported model (one K x K product per rotated tensor at run time); folding them into the preceding
 norms (QuaRot's fused form) is not done.
 
-R is a randomized Hadamard transform: H_{2^a} (Sylvester) Kronecker a seeded random orthogonal m x m block for the
-odd part m of K (K = 2^a m), times seeded random signs, scaled to be orthogonal. For K a power of two it is a true
-randomized Hadamard. All inputs of one width share one R, so the file holds one K x K matrix per width.
+R is a randomized Hadamard transform (transforms/hadamard.py): a true Hadamard when K = 2^a m with m a Paley order
+(12, 20, 28, 36, 44, 52, 60, ...; e.g. 576 = 16 * 36, 1536 = 128 * 12), else block-diagonal with the largest
+constructible Hadamard blocks (a prime K = 17 gets 16 + 1), times seeded random signs; entries +-1/sqrt(block).
+All inputs of one width share one R, so the file holds one K x K matrix per width.
+
+The same transform is HIP (Hadamard incoherence processing, qronos_algorithm.md §4.2) for weight-only low bits on
+graphs that are not decoders: W <- R^T W spreads each weight column's outliers over the block, which a per-channel
+min-max grid then sees as a smaller range. Only MatMul / Gemm targets are rotated; Conv weights are left as they are
+(their input is an image, not a feature vector one MatMul can rotate).
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ import onnx_ir as ir
 from ..errors import ModelError
 from ..graph.model import graph_names
 from ..graph.targets import Target
+from . import TransformLog
+from .hadamard import block_hadamard, hadamard_blocks
 
 ROTATION_PREFIX = "qronos_rotate"
 
@@ -27,26 +35,17 @@ def rotation_matrix(k: int, seed: int = 0) -> np.ndarray:
     """An orthogonal ``[k, k]`` float64 matrix (see the module docstring); reproducible for a given seed."""
     if k < 1:
         raise ValueError(f"rotation size must be positive, got {k}")
-    a, m = 0, k
-    while m % 2 == 0:
-        a, m = a + 1, m // 2
-    h = np.ones((1, 1))
-    for _ in range(a):
-        h = np.block([[h, h], [h, -h]])
-    h /= np.sqrt(h.shape[0])
-    rng = np.random.default_rng(seed)
-    q, r = np.linalg.qr(rng.standard_normal((m, m)))
-    q *= np.sign(np.diag(r))  # Haar-distributed, not biased by the QR sign convention
-    signs = rng.choice([-1.0, 1.0], size=k)
-    return signs[:, None] * np.kron(h, q)
+    return block_hadamard(k, seed=seed)
 
 
-def rotate_inputs(model: ir.Model, targets: list[Target], seed: int = 0) -> list[str]:
+def rotate_inputs(model: ir.Model, targets: list[Target], seed: int = 0, log: TransformLog | None = None) -> list[str]:
     """Rotate the inputs of the MatMul / Gemm targets in place (see the module docstring).
 
     Conv targets, and weights that are also read by nodes outside the rotated group (a tied embedding, say), are left
-    as they are. Returns the names of the rotation nodes, which must not be quantized themselves.
+    as they are. Returns the names of the rotation nodes, which must not be quantized themselves. ``log`` records each
+    rotated target ("rotate:online"), the rotation nodes, and a note per group left alone or rotated block-diagonally.
     """
+    log = log if log is not None else TransformLog()
     graph = model.graph
     nodes = {node.name: node for node in graph}
     by_input: dict[str, list[Target]] = {}
@@ -73,6 +72,8 @@ def rotate_inputs(model: ir.Model, targets: list[Target], seed: int = 0) -> list
             raise ModelError(f"targets reading {x_name!r} disagree on the input width: "
                              f"{sorted((t.name, t.in_features) for t in group)}")
         if not _weights_private(graph, weights, members):
+            log.notes.append(f"rotate:online: the input {x_name!r} of {sorted(members)} is not rotated: a weight is "
+                             "also read by nodes outside the group")
             continue
         first = nodes[group[0].name]
         x = first.inputs[0]
@@ -92,10 +93,16 @@ def rotate_inputs(model: ir.Model, targets: list[Target], seed: int = 0) -> list
         rot.outputs[0].shape = x.shape
         graph.insert_before(first, rot)
         rotation_nodes.append(rot.name)
+        log.float_rotations.append(rot.name)
+        blocks = hadamard_blocks(k)
+        if len(blocks) > 1:
+            log.notes.append(f"rotate:online: width {k} of {x_name!r} has no Hadamard of that order here; "
+                             f"block-diagonal Hadamard {'+'.join(map(str, blocks))}")
         done: dict[str, ir.Value] = {}
         for t in group:
             node = nodes[t.name]
             node.replace_input_with(0, rot.outputs[0])
+            log.touch(t.name, "rotate:online")
             if t.weight_name not in done:
                 w = node.inputs[1].const_value.numpy().astype(np.float64)
                 # MatMul / Gemm(transB=0): W [K, N] -> R^T W; Gemm(transB=1): W [N, K] -> W R

@@ -181,3 +181,19 @@ def test_samples_limits_rows_of_one_batched_file(tmp_path):
     assert all(r.n_tokens == 8 for r in res.layers)
     res = quantize(model, one, tmp_path / "q2.onnx", RTN, quiet=True)  # no limit: the file is one sample
     assert res.n_samples == 1 and all(r.n_tokens == 64 for r in res.layers)
+
+
+def test_spill_without_room_is_one_clear_error(tmp_path, monkeypatch):
+    from qronos_onnx.capture import frontier
+    from qronos_onnx.errors import CalibrationError
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(frontier.shutil, "disk_usage",
+                        lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000) if "qronos-frontier" in str(p)
+                        else real(p))
+    store = frontier.FrontierStore(max_memory=0, tmp_root=tmp_path)
+    with pytest.raises(CalibrationError, match=r"no room to spill captured activations in .*qronos-frontier.*"
+                                               r"raise --max-memory"):
+        store.put("a", np.ones((64, 64), np.float32))
+    store.close()
+    assert not list(tmp_path.iterdir())  # the spill folder is gone

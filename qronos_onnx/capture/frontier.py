@@ -16,6 +16,23 @@ from typing import Hashable, Iterator
 import numpy as np
 
 
+SPILL_MARGIN_BYTES = 256 * 2**20  # keep this much free for everything else on the disk
+
+
+def _check_room(folder: Path, nbytes: int) -> None:
+    """A full disk mid-spill would leave a truncated .npy; refuse with the folder and the way out instead."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < nbytes + SPILL_MARGIN_BYTES:
+        from ..errors import CalibrationError
+
+        raise CalibrationError(f"no room to spill captured activations in {str(folder)!r} ({free / 1e6:.0f} MB free, "
+                               f"{nbytes / 1e6:.0f} MB needed): raise --max-memory, use fewer --samples, or point "
+                               f"TMPDIR at a larger disk")
+
+
 def _remove_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -74,6 +91,7 @@ class FrontierStore:
             self.peak_ram_bytes = max(self.peak_ram_bytes, self.ram_bytes)
             return
         path = self._new_path()
+        _check_room(path.parent, arr.nbytes)
         np.save(path, np.ascontiguousarray(arr), allow_pickle=False)
         self._arrays[key] = np.load(path, mmap_mode="r", allow_pickle=False)
         self._files[key] = path

@@ -136,7 +136,7 @@ def cases(f: dict[str, Path], d: Path) -> list[tuple[str, list[str]]]:
         ("flag: --samples 0", ["quantize", *base, "-o", o, "--samples", "0"]),
         ("flag: --damping -1", ["quantize", *base, "-o", o, "--damping", "-1"]),
         ("flag: --max-memory lots", ["quantize", *base, "-o", o, "--max-memory", "lots"]),
-        ("flag: unknown recipe", ["quantize", *base, "-o", o, "--recipe", "w9"]),
+        ("flag: unknown recipe", ["quantize", m, "--calib", c, "-o", o, "--recipe", "w9"]),
         ("flag: malformed recipe YAML", ["quantize", m, "--calib", c, "-o", o, "--recipe", str(f["bad_yaml"])]),
         ("output: the input model", ["quantize", *base, "-o", m, "--overwrite"]),
         ("output: the input's external data", ["quantize", str(f["ext"]), "--calib", c, "--w4", "-o",

@@ -241,6 +241,7 @@ def _act_summary(act) -> str:
 
 def _inspect(args: argparse.Namespace) -> int:
     from .calib import graph_input_specs
+    from .calib.kv_cache import prefill_lines
     from .graph.model import default_opset, load_model
     from .graph.targets import find_targets
 
@@ -251,6 +252,8 @@ def _inspect(args: argparse.Namespace) -> int:
     print("inputs:")
     for spec in graph_input_specs(model):
         print(f"  {spec.name}: {spec.describe()}")
+    for line in prefill_lines(model):
+        print(line)
     print(f"quantizable nodes: {len(targets)}")
     print(f"  {'node':<48} {'op':<7} {'weight shape':<16} layout")
     for t in targets:

@@ -22,12 +22,10 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import CalibrationError
+from .kv_cache import PrefillPlan, plan_prefill
 from .specs import InputSpec, check_sample
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
-# Inputs the text path can build by itself (input_ids comes from the tokens). token_type_ids (BERT-style encoders) is
-# zeros: one segment per window.
-_DERIVED = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 
 
 def window_starts(n_tokens: int, seq_len: int, samples: int | None, seed: int = 0) -> list[int]:
@@ -139,31 +137,35 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def check_text_model(specs: Sequence[InputSpec], seq_len: int) -> InputSpec:
-    """Before any tokenizing: the model takes input_ids [batch (1), seq (seq_len)] and nothing text cannot build."""
+def check_text_model(specs: Sequence[InputSpec], seq_len: int, output_names: Sequence[str] = ()) -> PrefillPlan:
+    """Before any tokenizing: the model takes input_ids [batch (1), seq (seq_len)] and nothing text cannot build.
+
+    Besides the tokens, a prefill pass's inputs are built (``kv_cache.py``): attention mask, positions, token types,
+    zero-length past key/values, the genai inputs ``seqlens_k`` / ``total_sequence_length``.
+    """
     names = [s.name for s in specs]
     by_name = {s.name: s for s in specs}
     if "input_ids" not in by_name:
         raise CalibrationError(f"text calibration needs a graph input named 'input_ids'; the model's inputs are "
                                f"{', '.join(map(repr, names))} (give a directory of .npz samples instead)")
-    other = [n for n in names if n not in _DERIVED]
-    if other:
-        raise CalibrationError(f"text calibration cannot build graph input(s) {', '.join(map(repr, other))} (it builds "
-                               f"input_ids, attention_mask, position_ids, token_type_ids); give .npz samples instead")
-    for spec in by_name.values():
-        if spec.shape is None:
+    plan = plan_prefill(specs, output_names)
+    batched = ("input_ids", "attention_mask", "token_type_ids", "seqlens_k", "past")
+    for entry in plan.entries:
+        spec = entry.spec
+        if not spec.shape:
             continue
-        if len(spec.shape) != 2:
-            raise CalibrationError(f"text calibration builds {spec.name!r} as [1, seq_len], but the graph input is "
-                                   f"{spec.describe()}")
-        batch, seq = spec.shape
-        if isinstance(batch, int) and batch != 1:
-            raise CalibrationError(f"text calibration feeds one window per sample, but graph input {spec.name!r} has "
-                                   f"a fixed batch of {batch} ({spec.describe()})")
-        if isinstance(seq, int) and seq != seq_len:
-            raise CalibrationError(f"graph input {spec.name!r} has a fixed sequence length {seq} ({spec.describe()}), "
-                                   f"but seq_len is {seq_len}; set seq_len to {seq}")
-    return by_name["input_ids"]
+        if entry.role in batched or (entry.role == "position_ids" and spec.rank == 2):
+            batch = spec.shape[0]
+            if isinstance(batch, int) and batch != 1:
+                raise CalibrationError(f"text calibration feeds one window per sample, but graph input {spec.name!r} "
+                                       f"has a fixed batch of {batch} ({spec.describe()})")
+        if entry.role != "past" and spec.rank in (1, 2) and entry.role not in ("seqlens_k", "use_cache_branch",
+                                                                             "total_sequence_length"):
+            seq = spec.shape[-1]
+            if isinstance(seq, int) and seq != seq_len:
+                raise CalibrationError(f"graph input {spec.name!r} has a fixed sequence length {seq} "
+                                       f"({spec.describe()}), but seq_len is {seq_len}; set seq_len to {seq}")
+    return plan
 
 
 def embedding_rows(model: ir.Model) -> tuple[str, int] | None:
@@ -191,7 +193,7 @@ def text_samples(path: Path, model: ir.Model, specs: Sequence[InputSpec], tokeni
     if tokenizer is None:
         raise CalibrationError(f"text calibration file {str(path)!r} needs a tokenizer (a local Hugging Face tokenizer "
                                f"directory or a tokenizer.json file)")
-    check_text_model(specs, seq_len)
+    plan = check_text_model(specs, seq_len, [v.name for v in model.graph.outputs])
     encoder = load_tokenizer(tokenizer)
     text = read_text(path)
     ids = np.asarray(encoder.encode(text), dtype=np.int64)
@@ -212,26 +214,17 @@ def text_samples(path: Path, model: ir.Model, specs: Sequence[InputSpec], tokeni
     if rows is not None and int(ids.max()) >= rows[1]:
         raise CalibrationError(f"tokenizer {encoder.name!r} produces token id {int(ids.max())}, but the model's "
                                f"embedding {rows[0]!r} has only {rows[1]} rows: is it the model's tokenizer?")
-    by_name = {s.name: s for s in specs}
     starts = window_starts(n, inner, samples, seed)
     head, tail = np.asarray(prefix, dtype=np.int64), np.asarray(suffix, dtype=np.int64)
     feeds = []
     for i, start in enumerate(starts):
-        feed = {}
-        for name, spec in by_name.items():
-            if name == "input_ids":
-                arr = np.concatenate([head, ids[start:start + inner], tail])
-            elif name == "attention_mask":
-                arr = np.ones(seq_len)
-            elif name == "position_ids":
-                arr = np.arange(seq_len)
-            else:  # token_type_ids
-                arr = np.zeros(seq_len)
-            feed[name] = arr.astype(spec.dtype)[None, :]
-        feeds.append(check_sample(feed, specs, f"text file {str(path)!r} window {i} (start {start})"))
+        window = np.concatenate([head, ids[start:start + inner], tail])[None, :]
+        feeds.append(check_sample(plan.feed(window), specs, f"text file {str(path)!r} window {i} (start {start})"))
     rule = (f"{len(starts)} random windows (seed {seed})" if samples is not None
             else f"{len(starts)} consecutive windows")
     desc = f"text {str(path)!r}, {n} tokens with tokenizer {encoder.name!r}, {rule} of {seq_len} tokens"
+    if plan.has_cache:
+        desc += f" (prefill pass: {len(plan.past)} past key/value inputs built with past length 0)"
     if special_tokens:
         desc += f" (each {len(prefix)} + {inner} + {len(suffix)}: the tokenizer's special tokens around the text)"
     return feeds, desc, n

@@ -1,5 +1,10 @@
 """Perplexity of an ONNX causal LM in onnxruntime, under the anchors' window rule (docs/anchors.md).
 
+KV-cache graphs (optimum ``*-with-past``, the onnxruntime-genai builder, dynamo exports with a cache) are scored by a
+prefill pass: a zero-length past of the graph's dtype and head layout, a mask of ones, positions 0..seq-1, and
+genai's ``seqlens_k`` / ``total_sequence_length`` where the graph takes them (``calib/kv_cache.py``); the present
+outputs are computed and ignored. A graph input that cannot be built is named with its expected shape.
+
 The token stream is cut into its first ``max_windows`` non-overlapping ``seq_len`` windows; each window is scored alone
 (no carried context), all ``seq_len - 1`` next-token predictions count, and ppl = exp(mean NLL). The NLL is computed
 in float64 from the model's float32 logits, so two runs of the same model agree to the last digit printed.
@@ -113,8 +118,12 @@ def make_session(model, providers=None, session_options=None, accuracy_level: in
         raise ModelError(f"onnxruntime cannot load model {name}: {first}") from None
 
 
-def _feeds_builder(sess):
-    """A function ``ids [b, s] -> feed dict`` for the graph's inputs: input_ids, optional attention_mask/position_ids."""
+def prefill_plan(sess):
+    """How to feed the session a prefill pass (``calib/kv_cache.py``): input_ids, and what else the graph takes
+    (attention mask, positions, zero-length past key/values of KV-cache graphs, genai's seqlens_k and
+    total_sequence_length), built from the windows."""
+    from ..calib.kv_cache import plan_prefill, specs_from_ort
+
     inputs = {i.name: i for i in sess.get_inputs()}
     if "input_ids" in inputs:
         ids_name = "input_ids"
@@ -124,30 +133,17 @@ def _feeds_builder(sess):
             raise ModelError(f"the model has no 'input_ids' input (inputs: {sorted(inputs)}); expected a causal LM "
                              "taking input_ids [batch, seq] and returning logits [batch, seq, vocab]")
         ids_name = ints[0]
-    extra = set(inputs) - {ids_name, "attention_mask", "position_ids"}
-    if extra:
-        raise ModelError(f"model input(s) {sorted(extra)} are not supported for perplexity; expected input_ids and "
-                         "optionally attention_mask, position_ids (export without KV cache)")
-    for name in inputs:
-        if inputs[name].type not in _INT_TYPES:
-            raise ModelError(f"model input {name!r} has type {inputs[name].type}; expected int64 or int32")
-
-    def feeds(ids: np.ndarray) -> dict[str, np.ndarray]:
-        out = {ids_name: ids.astype(_INT_TYPES[inputs[ids_name].type])}
-        if "attention_mask" in inputs:
-            out["attention_mask"] = np.ones(ids.shape, dtype=_INT_TYPES[inputs["attention_mask"].type])
-        if "position_ids" in inputs:
-            pos = np.arange(ids.shape[1], dtype=_INT_TYPES[inputs["position_ids"].type])
-            out["position_ids"] = np.broadcast_to(pos, ids.shape).copy()
-        return out
-
-    return feeds
+    if inputs[ids_name].type not in _INT_TYPES:
+        raise ModelError(f"model input {ids_name!r} has type {inputs[ids_name].type}; expected int64 or int32")
+    return plan_prefill(specs_from_ort(inputs.values()), [o.name for o in sess.get_outputs()], ids_name=ids_name,
+                        error=ModelError, what="perplexity")
 
 
-def _logits_output(sess) -> tuple[str, int | None]:
-    """The logits output's name and its vocabulary size when the graph states it."""
+def _logits_output(sess, presents=()) -> tuple[str, int | None]:
+    """The logits output's name (never a present key/value) and its vocabulary size when the graph states it."""
     outs = {o.name: o for o in sess.get_outputs()}
-    name = "logits" if "logits" in outs else next(iter(outs))
+    others = [n for n in outs if n not in set(presents)] or list(outs)
+    name = "logits" if "logits" in outs else next(iter(others))
     shape = outs[name].shape
     vocab = shape[-1] if shape and isinstance(shape[-1], int) and shape[-1] > 0 else None
     return name, vocab
@@ -165,7 +161,8 @@ def perplexity(model_path, token_ids: np.ndarray, *, seq_len: int = 256, max_win
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     sess = make_session(model_path, providers, session_options, accuracy_level)
-    feeds, (out_name, vocab) = _feeds_builder(sess), _logits_output(sess)
+    plan = prefill_plan(sess)
+    feeds, (out_name, vocab) = plan.feed, _logits_output(sess, plan.presents)
     max_id = int(wins.max())
     if vocab is not None and max_id >= vocab:
         raise ConfigError(f"token id {max_id} is outside the model's vocabulary of {vocab}")

@@ -190,7 +190,7 @@ def test_low_bit_presets_are_hip_plus_magr_and_the_plain_w2_recipe_stays():
                                                             *flags]))
     w2 = cfg("--w2")
     assert (w2.weights.bits, w2.weights.symmetric, w2.weights.minmax_scale, w2.weights.narrow) == (2, False, 0.8, False)
-    assert (w2.transforms.rotate, w2.transforms.magr, w2.rounding.algorithm) == ("online", 0.01, "qronos")
+    assert (w2.transforms.rotate, w2.transforms.magr, w2.rounding.algorithm) == ("fused", 0.01, "qronos")  # fused on decoders, online elsewhere
     w158 = cfg("--w158")
     assert (w158.weights.bits, w158.weights.narrow, w158.transforms.magr) == (2, True, 0.01)
     from qronos_onnx.formats.grid import int_range

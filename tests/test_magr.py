@@ -199,7 +199,7 @@ def test_low_bit_presets_are_hip_plus_magr_and_the_plain_w2_recipe_stays():
     plain = cfg("--recipe", "w2")
     assert (plain.weights.bits, plain.transforms.rotate, plain.transforms.magr) == (2, "none", None)
     for name in ("w4a4-quarot", "mxfp4-quarot"):
-        assert load_recipe(name).transforms.rotate == "online" and load_recipe(name).activations.dynamic
+        assert load_recipe(name).transforms.rotate == "fused" and load_recipe(name).activations.dynamic
 
 
 def test_w3_tiny_decoder_magr_plus_qronos_beats_qronos_alone(tmp_path):

@@ -284,7 +284,7 @@ def _eval(args: argparse.Namespace) -> int:
     tasks = list(dict.fromkeys(args.task))
     if args.json:  # before the (long) evaluation, not after it
         _check_writable(args.json, "--json")
-    if args.compare:
+    if args.compare and any(t != "ppl" for t in tasks):  # ppl builds each model's own feeds (KV-cache graphs too)
         _check_same_inputs(args.model, args.compare)
     data = EvalData(opts)
     results = {}

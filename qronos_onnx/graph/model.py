@@ -52,3 +52,19 @@ def graph_names(graph: ir.Graph) -> set[str]:
             names.add(node.name)
         names.update(v.name for v in list(node.inputs) + list(node.outputs) if v is not None and v.name)
     return names
+
+
+def name_factory(graph: ir.Graph):
+    """``fresh(base)``: ``base``, or ``base_1``, ``base_2``... the first name no value or node of ``graph`` (nor an
+    earlier call) uses: how transforms name what they add."""
+    taken = graph_names(graph)
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
+    return fresh

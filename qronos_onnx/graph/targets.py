@@ -187,19 +187,11 @@ def untranspose_gemm_inputs(model: ir.Model) -> list[str]:
     """Gemm(transA=1) with a constant weight reads its activation transposed: give it an explicit Transpose in front
     (``x^T B = Gemm(Transpose(x), B)``, the same function) so that it becomes an ordinary target. Returns the names
     of the Gemm nodes rewritten; onnxruntime folds the Transpose into its GEMM call again."""
-    from .model import graph_names
+    from .model import name_factory
 
     name_nodes(model)
     graph = model.graph
-    taken = graph_names(graph)
-
-    def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in taken:
-            k += 1
-            name = f"{base}_{k}"
-        taken.add(name)
-        return name
+    fresh = name_factory(graph)
 
     done = []
     for node in list(graph):

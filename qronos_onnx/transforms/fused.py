@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ..graph.model import graph_names
+from ..graph.model import name_factory
 from ..graph.targets import Target
 from . import TransformLog
 from .online import rotation_matrix
@@ -317,7 +317,6 @@ def plan(model: ir.Model, targets: Sequence[Target]) -> _Plan:
         if n.residual is not None:
             todo.append(n.residual)
         todo += n.sources
-    seen_nodes: set[int] = set()
     while todo:
         v = todo.pop()
         if id(v) in stream:
@@ -348,7 +347,6 @@ def plan(model: ir.Model, targets: Sequence[Target]) -> _Plan:
         else:
             raise FusedRotationUnsupported(p.name, f"{p.op_type} produces residual-stream tensor {v.name!r}; only "
                                                    "Add, a scalar Mul, embeddings and MatMul/Gemm writers can")
-        seen_nodes.add(id(p))
     # every consumer of the stream must be part of it: a norm, an Add or scalar Mul inside it, or a writer's bias
     norm_nodes = {id(n.node) for n in norms}
     skip_nodes = {id(n.node) for n in norms if n.sources}
@@ -419,7 +417,7 @@ class _Edits:
 
     def __init__(self, graph: ir.Graph):
         self.graph = graph
-        self._taken = graph_names(graph)
+        self._fresh = name_factory(graph)
         self._values: list[tuple[ir.Value, object]] = []
         self._inputs: list[tuple[ir.Node, int, ir.Value]] = []
         self._added: list[str] = []
@@ -434,11 +432,7 @@ class _Edits:
     def private_copy(self, node: ir.Node, index: int) -> ir.Value:
         """A fresh initializer for ``node``'s input ``index`` (its old value stays for its other readers)."""
         old = node.inputs[index]
-        name, k = f"{old.name}_untied", 0
-        while name in self._taken:
-            k += 1
-            name = f"{old.name}_untied_{k}"
-        self._taken.add(name)
+        name = self._fresh(f"{old.name}_untied")
         arr = old.const_value.numpy()
         new = ir.Value(name=name, shape=ir.Shape(list(arr.shape)), type=old.type,
                        const_value=ir.Tensor(np.array(arr), name=name))
@@ -451,11 +445,7 @@ class _Edits:
     def new_input(self, node: ir.Node, index: int, arr: np.ndarray, base: str) -> None:
         """Feed ``node``'s input ``index`` from a new initializer holding ``arr`` (in the old input's dtype)."""
         old = node.inputs[index]
-        name, k = base, 0
-        while name in self._taken:
-            k += 1
-            name = f"{base}_{k}"
-        self._taken.add(name)
+        name = self._fresh(base)
         dtype = np.dtype(old.dtype.numpy() if old.dtype is not None else np.float32)
         data = np.ascontiguousarray(arr.astype(dtype))
         new = ir.Value(name=name, shape=ir.Shape(list(data.shape)), type=ir.TensorType(ir.DataType.from_numpy(dtype)),
@@ -468,11 +458,7 @@ class _Edits:
     def insert_matmul(self, node: ir.Node, M: np.ndarray, base: str) -> None:
         """``node`` reads ``MatMul(x, M)`` instead of its input 0 ``x`` (M stays float)."""
         x = node.inputs[0]
-        name, k = base, 0
-        while name in self._taken:
-            k += 1
-            name = f"{base}_{k}"
-        self._taken.add(name)
+        name = self._fresh(base)
         dtype = np.dtype(x.dtype.numpy() if x.dtype is not None else np.float32)
         m = ir.Value(name=name, shape=ir.Shape(list(M.shape)), type=ir.TensorType(ir.DataType.from_numpy(dtype)),
                      const_value=ir.Tensor(np.ascontiguousarray(M.astype(dtype)), name=name))

@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import ModelError
-from ..graph.model import graph_names
+from ..graph.model import name_factory
 from ..graph.targets import Target
 from . import TransformLog
 from .hadamard import block_hadamard, hadamard_blocks
@@ -52,15 +52,7 @@ def rotate_inputs(model: ir.Model, targets: list[Target], seed: int = 0, log: Tr
     for t in targets:
         if t.op_type in ("MatMul", "Gemm"):
             by_input.setdefault(t.input_name, []).append(t)
-    taken = graph_names(graph)
-
-    def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in taken:
-            k += 1
-            name = f"{base}_{k}"
-        taken.add(name)
-        return name
+    fresh = name_factory(graph)
 
     rotation_nodes = []
     shared: dict[tuple, tuple[np.ndarray, ir.Value]] = {}  # one R per width (and dtype): stored once

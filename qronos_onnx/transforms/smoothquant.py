@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..capture.act_calib import float_activations
-from ..graph.model import graph_names
+from ..graph.model import name_factory
 from ..graph.targets import Target
 from . import TransformLog
 
@@ -83,15 +83,7 @@ def smooth_inputs(model: ir.Model, targets: list[Target], samples: Sequence[Mapp
     if not todo:
         return []
     act = channel_absmax(model, list(todo), samples, batch_size)
-    taken = graph_names(graph)
-
-    def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in taken:
-            k += 1
-            name = f"{base}_{k}"
-        taken.add(name)
-        return name
+    fresh = name_factory(graph)
 
     inserted = []
     # downstream groups first: a fold divides the producer's output columns, and when that producer is itself an

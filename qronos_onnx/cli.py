@@ -243,13 +243,16 @@ def format_summary(result, top: int = 10) -> str:
         "worst layers (relative output error ||XW - X~Q|| / ||XW||):",
         f"{'node (weight)':<48} {'shape':>12} {cfg.rounding.algorithm:>9} {'rtn':>9}  status",
     ]
+    mixed = bool((getattr(result, "precision", None) or {}).get("mixed"))
     for r in result.worst_layers(top if top > 0 else len(result.layers)):
         shape = "x".join(map(str, r.shape))
         # exporters name weights val_123; the consuming node's name is what a user finds in the graph
         label = (r.nodes[0] + (f" +{len(r.nodes) - 1}" if len(r.nodes) > 1 else "") if r.nodes else "") \
             + f" ({r.weight})"
         lines.append(f"{label[-48:]:<48} {shape:>12} {r.rel_error:9.4f} {r.rtn_rel_error:9.4f}  {r.status}"
-                     + (f" ({r.retries} retries)" if r.retries else ""))
+                     + (f" ({r.retries} retries)" if r.retries else "")
+                     + (f" [{r.weight_format}{', promoted' if r.plan_source == 'target-bits' else ''}]"
+                        if mixed and r.weight_format else ""))
     prec = getattr(result, "precision", None) or {}
     if prec.get("mixed") or prec.get("target_bits") is not None:
         kinds: dict[tuple[str, str], int] = {}

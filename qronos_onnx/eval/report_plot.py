@@ -20,7 +20,6 @@ from pathlib import Path
 from ..errors import ConfigError
 
 PROMOTED_SOURCE = "target-bits"
-_FLOOR = 1e-8  # a zero error (an exact layer) is drawn here: a log axis has no 0
 
 
 @dataclass(frozen=True)
@@ -77,8 +76,10 @@ def _pyplot():
     return plt
 
 
-def _shown(v: float) -> float:
-    return v if math.isfinite(v) and v > _FLOOR else _FLOOR
+def _floor(layers: list[PlotLayer]) -> float:
+    """Where a zero error (an exact layer) is drawn, a log axis having no 0: a third of the smallest positive one."""
+    pos = [v for x in layers for v in (x.rel_error, x.rtn_rel_error) if math.isfinite(v) and v > 0]
+    return min(pos) / 3 if pos else 1e-6
 
 
 def write_plot(report: str | os.PathLike, plot: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -93,6 +94,11 @@ def write_plot(report: str | os.PathLike, plot: str | os.PathLike, *, overwrite:
     algo = str((config.get("rounding") or {}).get("algorithm") or data["layers"][0].get("algorithm") or "algorithm")
     n = len(layers)
     xs = list(range(n))
+    floor = _floor(layers)
+
+    def _shown(v: float) -> float:
+        return v if math.isfinite(v) and v > floor else floor
+
     fig, ax = plt.subplots(figsize=(min(24.0, max(8.0, 0.18 * n + 4)), 4.8))
     promoted = [i for i, layer in enumerate(layers) if layer.promoted]
     for k, i in enumerate(promoted):

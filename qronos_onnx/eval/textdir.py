@@ -125,6 +125,13 @@ def text_lines(words: Sequence[str], n: int, rng: np.random.Generator,
     return out
 
 
+def orient(img: np.ndarray, label: int) -> np.ndarray:
+    """The line as the set shows it: label 0 upright, 1 rotated by 180 degrees (``cv2.rotate(img, ROTATE_180)``)."""
+    if label not in (0, 1):
+        raise ConfigError(f"text-direction labels are 0 (upright) and 1 (180 degrees), got {label}")
+    return img if label == 0 else np.ascontiguousarray(img[::-1, ::-1])
+
+
 def make_set(lines: Sequence[str], seed: int, fonts: Sequence[str | os.PathLike] | None = None,
              style: RenderStyle = RenderStyle()) -> tuple[np.ndarray, np.ndarray]:
     """``(input [n, 3, 48, 192] float32, label [n] int64)``: each line rendered and preprocessed; the lines at even
@@ -138,10 +145,7 @@ def make_set(lines: Sequence[str], seed: int, fonts: Sequence[str | os.PathLike]
     for i, text in enumerate(lines):
         font = fonts[int(rng.integers(len(fonts)))]
         size = int(rng.integers(style.size[0], style.size[1] + 1))
-        img = render_line(text, font, size, rng, style)
-        if labels[i]:
-            img = img[::-1, ::-1].copy()  # 180 degrees, as cv2.rotate(img, cv2.ROTATE_180)
-        x[i] = resize_norm(img)
+        x[i] = resize_norm(orient(render_line(text, font, size, rng, style), int(labels[i])))
     return x, labels
 
 

@@ -40,6 +40,7 @@ def test_report_plot_writes_a_png(tmp_path, capsys, old_style):
     assert f"plot: {png}" in capsys.readouterr().out
     data = png.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 10_000
+    assert png.stat().st_mode & 0o044  # readable by others as an ordinary file (umask permitting), not 0600
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the atomic write left no temp file
 
 

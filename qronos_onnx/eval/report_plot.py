@@ -136,6 +136,9 @@ def write_plot(report: str | os.PathLike, plot: str | os.PathLike, *, overwrite:
             fig.savefig(f, format="png", dpi=110)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a plot is an ordinary file
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

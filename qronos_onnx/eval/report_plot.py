@@ -101,8 +101,10 @@ def write_plot(report: str | os.PathLike, plot: str | os.PathLike, *, overwrite:
 
     fig, ax = plt.subplots(figsize=(min(24.0, max(8.0, 0.18 * n + 4)), 4.8))
     promoted = [i for i, layer in enumerate(layers) if layer.promoted]
+    formats = sorted({layers[i].weight_format for i in promoted if layers[i].weight_format})
+    label = "promoted (target-bits)" + (f": {formats[0]}" if len(formats) == 1 else "")
     for k, i in enumerate(promoted):
-        ax.axvspan(i - 0.5, i + 0.5, color="C1", alpha=0.18, lw=0, label="promoted (target-bits)" if k == 0 else None)
+        ax.axvspan(i - 0.5, i + 0.5, color="C1", alpha=0.18, lw=0, label=label if k == 0 else None)
     ax.plot(xs, [_shown(layer.rtn_rel_error) for layer in layers], color="0.55", marker="o", ms=3, lw=1,
             label="RTN (same grid)")
     ax.plot(xs, [_shown(layer.rel_error) for layer in layers], color="C0", marker="o", ms=3, lw=1.2, label=algo)
@@ -112,10 +114,11 @@ def write_plot(report: str | os.PathLike, plot: str | os.PathLike, *, overwrite:
     ax.set_yscale("log")
     top = max(_shown(v) for layer in layers for v in (layer.rel_error, layer.rtn_rel_error))
     ax.set_ylim(top=top * 4)  # room for the format labels of promoted targets
-    for i in promoted:
+    for i in promoted:  # the format's first word ("int8 sym per-channel" -> "int8"); the legend has it in full
         fmt = layers[i].weight_format
         if fmt:
-            ax.annotate(fmt, (i, top * 1.3), ha="center", va="bottom", rotation=90, fontsize=7, color="C1")
+            ax.annotate(fmt.split()[0], (i, top * 1.3), ha="center", va="bottom", rotation=90, fontsize=7,
+                        color="C1", annotation_clip=True)
     ax.set_xlim(-0.8, n - 0.2)
     if n <= 60:
         ax.set_xticks(xs)

@@ -157,11 +157,7 @@ def wiki_words(which: str, articles: dict[str, dict] | None = None) -> list[str]
     """
     from .wikileads import split_text
 
-    try:
-        text = split_text(which, articles)
-    except CalibrationError:
-        raise
-    return [w for w in text.split() if len(w) <= 20]
+    return [w for w in split_text(which, articles).split() if len(w) <= 20]
 
 
 def rapidocr_model() -> Path:

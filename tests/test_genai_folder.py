@@ -73,6 +73,12 @@ def folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def checkpoint(folder) -> Path:
+    """The Hugging Face checkpoint folder the genai folder was built from."""
+    return folder.parent / "hf"
+
+
+@pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
     rng = random.Random(0)
     words = " ".join(SENTENCES).split()
@@ -249,3 +255,42 @@ def test_the_decoder_file_alone_quantizes_with_the_config_beside_it(folder, text
     assert main(["quantize", str(folder / "model.onnx"), "--calib", str(text), "--tokenizer", str(folder),
                  "-o", str(out), *QUICK]) == 0
     assert out.is_file()
+
+
+# --- tools/hf_to_onnx.py: a Hugging Face checkpoint to a quantized model -----------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+OPTIMUM_VENV = Path(os.environ.get("QRONOS_OPTIMUM_VENV", "/tmp/venv-optimum"))
+
+
+def _hf_to_onnx(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "hf_to_onnx.py"), *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_hf_to_onnx_genai_route(checkpoint, text, tmp_path):
+    before = _sha_tree(checkpoint)
+    run = _hf_to_onnx(checkpoint, "-o", tmp_path / "work", "--calib", text, "--", *QUICK)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "work" / "genai-q"
+    assert f"quantized={out}" in run.stdout
+    assert (out / "genai_config.json").is_file() and _generate(out) > 0
+    assert _sha_tree(checkpoint) == before
+    bad = _hf_to_onnx(tmp_path, "-o", tmp_path / "w2", "--calib", text)
+    assert bad.returncode == 2 and "no config.json" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not (OPTIMUM_VENV / "bin" / "optimum-cli").is_file(),
+                    reason=f"no optimum venv at {OPTIMUM_VENV} (python tools/hf_to_onnx.py --make-optimum-venv; "
+                           "optimum-onnx pins transformers < 4.58, so it has its own venv)")
+def test_hf_to_onnx_optimum_route_matches_the_genai_export(checkpoint, folder, text, tmp_path, capsys):
+    run = _hf_to_onnx(checkpoint, "-o", tmp_path, "--calib", text, "--route", "optimum", "--optimum-venv",
+                      OPTIMUM_VENV, "--", *QUICK)
+    assert run.returncode == 0, run.stderr[-3000:]
+    export = tmp_path / "optimum-fp32"
+    assert (export / "model.q.onnx").is_file() and (export / "tokenizer.json").is_file()
+    js = tmp_path / "ppl.json"
+    assert main(["eval", str(folder), "--compare", str(export / "model.onnx"), "--task", "ppl", "--text", str(text),
+                 "--seq-len", "32", "--windows", "8", "--quiet", "--json", str(js)]) == 0
+    ppl = [m["ppl"]["metrics"]["ppl"] for m in json.loads(js.read_text())["models"].values()]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-4)  # the same weights through two exporters' cache graphs

@@ -294,3 +294,31 @@ def test_hf_to_onnx_optimum_route_matches_the_genai_export(checkpoint, folder, t
                  "--seq-len", "32", "--windows", "8", "--quiet", "--json", str(js)]) == 0
     ppl = [m["ppl"]["metrics"]["ppl"] for m in json.loads(js.read_text())["models"].values()]
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-4)  # the same weights through two exporters' cache graphs
+
+
+def test_interrupted_folder_run_resumes_to_the_same_folder(folder, text, tmp_path, monkeypatch, capsys):
+    """Ctrl-C mid-run keeps OUT.qronos-partial (with the checkpoint) and no OUT; --resume finishes the same bytes."""
+    import qronos_onnx.checkpoint as ck
+
+    args = ["quantize", str(folder), "--calib", str(text), "--seq-len", "32", "--samples", "8", "--group-size", "16",
+            "--quiet"]
+    assert main([*args, "-o", str(tmp_path / "whole")]) == 0
+    orig = ck.Checkpoint.save
+
+    def save(self, *a, **k):
+        orig(self, *a, **k)
+        if self.done == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "split"
+    with monkeypatch.context() as m:
+        m.setattr(ck.Checkpoint, "save", save)
+        assert main([*args, "-o", str(out)]) == 130
+    assert "rerun with --resume" in capsys.readouterr().err
+    assert not out.exists() and (tmp_path / "split.qronos-partial" / "model.onnx.qronos-resume").is_dir()
+    assert main([*args, "-o", str(out), "--resume"]) == 0
+    assert not (tmp_path / "split.qronos-partial").exists()
+    assert (out / "model.onnx").read_bytes() == (tmp_path / "whole" / "model.onnx").read_bytes()
+    assert main([*args, "-o", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no checkpoint" in _error_line(capsys)
+    assert not (tmp_path / "none.qronos-partial").exists()

@@ -288,7 +288,9 @@ def _eval(args: argparse.Namespace) -> int:
     from .eval.report import EvalData, EvalOptions, evaluate, options_dict, side_by_side
     from .genai import resolve_model
 
-    args.model = resolve_model(args.model)  # a genai folder: its decoder (the tokenizer is beside it)
+    if args.tokenizer is None and Path(args.model).is_dir():
+        args.tokenizer = args.model  # a genai folder holds its tokenizer
+    args.model = resolve_model(args.model)  # a genai folder: its decoder file
     args.compare = resolve_model(args.compare) if args.compare else None
 
     opts = EvalOptions(tokenizer=args.tokenizer, text=args.text, seq_len=args.seq_len,

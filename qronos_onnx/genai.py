@@ -25,9 +25,13 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, ExportError, ModelError
+from .errors import ExportError, ModelError
+
+if TYPE_CHECKING:
+    from .api import QuantResult
+    from .config import QuantConfig
 
 CONFIG_NAME = "genai_config.json"
 STAGING_SUFFIX = ".qronos-partial"  # OUT_DIR.qronos-partial: the folder being built (kept with a checkpoint)
@@ -126,17 +130,33 @@ def resolve_model(path: str | os.PathLike) -> str:
     return str(path)
 
 
-def kv_dims(model_file: str | os.PathLike) -> dict[str, int]:
-    """Values for the symbolic KV-cache dims of a decoder in a genai folder (the ``genai_config.json`` beside it):
-    axis 1 of a [batch, heads, past, head_size] past input is ``num_key_value_heads``, axis 3 ``head_size``. Empty
-    when there is no such config (any other ONNX file)."""
-    model_file = Path(model_file)
-    cfg_path = model_file.parent / CONFIG_NAME
-    if not model_file.is_file() or not cfg_path.is_file():
-        return {}
+def _decoder_config(model_file: Path) -> dict[str, Any] | None:
+    """``model.decoder`` of the genai_config.json that names ``model_file`` as its decoder (in its folder or up to two
+    folders above), or None."""
     try:
-        decoder = json.loads(cfg_path.read_text(encoding="utf-8"))["model"]["decoder"]
-    except (OSError, ValueError, KeyError, TypeError):
+        target = model_file.resolve()
+    except OSError:
+        return None
+    for d in list(target.parents)[:3]:
+        cfg_path = d / CONFIG_NAME
+        if not cfg_path.is_file():
+            continue
+        try:
+            decoder = json.loads(cfg_path.read_text(encoding="utf-8"))["model"]["decoder"]
+            if (d / decoder["filename"]).resolve() == target:
+                return decoder
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def kv_dims(model_file: str | os.PathLike) -> dict[str, int]:
+    """Values for the symbolic KV-cache dims of a genai decoder, from the genai_config.json that names it: axis 1 of a
+    [batch, heads, past, head_size] past input is ``num_key_value_heads``, axis 3 ``head_size``. Empty for any other
+    ONNX file."""
+    model_file = Path(model_file)
+    decoder = _decoder_config(model_file) if model_file.is_file() else None
+    if decoder is None:
         return {}
     values = {1: decoder.get("num_key_value_heads"), 3: decoder.get("head_size")}
     import onnx
@@ -222,7 +242,7 @@ def staging_dir(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + STAGING_SUFFIX)
 
 
-def default_dialect(config, dialect_given: bool):
+def default_dialect(config: QuantConfig, dialect_given: bool) -> QuantConfig:
     """A genai folder's default export dialect is MatMulNBits (genai's own int4 format) unless one was asked for;
     activation quantization keeps its QDQ form."""
     if dialect_given or config.export.dialect != "qdq" or config.activations.enabled:
@@ -230,9 +250,10 @@ def default_dialect(config, dialect_given: bool):
     return config.override({"export.dialect": "matmulnbits"})
 
 
-def quantize_folder(model_dir: str | os.PathLike, calib: Any, output_dir: str | os.PathLike, config=None, *,
-                    tokenizer: str | os.PathLike | None = None, overwrite: bool = False, quiet: bool = False,
-                    resume: bool = False, checkpoint: bool = True, check_load: bool = True):
+def quantize_folder(model_dir: str | os.PathLike, calib: Any, output_dir: str | os.PathLike,
+                    config: QuantConfig | None = None, *, tokenizer: str | os.PathLike | None = None,
+                    overwrite: bool = False, quiet: bool = False, resume: bool = False, checkpoint: bool = True,
+                    check_load: bool = True) -> QuantResult:
     """Quantize the decoder of genai folder ``model_dir`` and write a genai folder ``output_dir``.
 
     ``config`` is used as given (``default_dialect`` gives the CLI's MatMulNBits default). ``tokenizer``: default the
@@ -240,6 +261,7 @@ def quantize_folder(model_dir: str | os.PathLike, calib: Any, output_dir: str | 
     ``.report.json`` sidecars are inside the output folder.
     """
     from .api import quantize
+    from .checkpoint import checkpoint_dir
 
     src = open_folder(model_dir)
     tok = Path(tokenizer) if tokenizer is not None else src.tokenizer
@@ -248,11 +270,11 @@ def quantize_folder(model_dir: str | os.PathLike, calib: Any, output_dir: str | 
     stage = staging_dir(out)
     if stage.exists() and not resume:
         shutil.rmtree(stage)  # a failed or interrupted earlier run's: this run starts over
-    name = src.model_file.name
+    name = src.decoder["filename"]  # the quantized decoder keeps the name (and subfolder) genai_config.json gives
     staged_model = stage / name
     ok = False
     try:
-        stage.mkdir(parents=True, exist_ok=True)
+        staged_model.parent.mkdir(parents=True, exist_ok=True)
         with cache_dims(src.model_file):
             result = quantize(src.model_file, calib, staged_model, config, tokenizer=str(tok), overwrite=False,
                               quiet=quiet, resume=resume, checkpoint=checkpoint)
@@ -267,24 +289,23 @@ def quantize_folder(model_dir: str | os.PathLike, calib: Any, output_dir: str | 
         _move_into_place(stage, out, overwrite)
         ok = True
     finally:
-        if not ok and stage.exists() and not any(stage.glob("*.qronos-resume")):
+        if not ok and stage.exists() and not checkpoint_dir(staged_model).exists():
             shutil.rmtree(stage, ignore_errors=True)  # nothing worth keeping; a checkpoint stays for --resume
-    return dataclasses.replace(result, output_path=final_model,
-                               config_path=out / result.config_path.name, report_path=out / result.report_path.name)
+    return dataclasses.replace(result, output_path=final_model, config_path=final_model.with_name(
+        result.config_path.name), report_path=final_model.with_name(result.report_path.name))
 
 
 def _copy_rest(src: GenaiFolder, stage: Path) -> None:
-    """Every entry of the input folder except the float decoder and its data; what quantize wrote stays."""
-    skip = {p.resolve() for p in src.decoder_files()}
-    for entry in sorted(src.dir.iterdir()):
-        dst = stage / entry.name
-        if entry.resolve() in skip or dst.exists() or entry.name == CONFIG_NAME:
+    """Every file of the input folder (subfolders too) except the float decoder, its data and the config (rewritten);
+    what quantize wrote stays."""
+    skip = {p.resolve() for p in src.decoder_files()} | {(src.dir / CONFIG_NAME).resolve()}
+    for entry in sorted(src.dir.rglob("*")):
+        dst = stage / entry.relative_to(src.dir)
+        if entry.is_dir() or entry.resolve() in skip or dst.exists():
             continue
         try:
-            if entry.is_dir():
-                shutil.copytree(entry, dst, symlinks=True)
-            else:
-                shutil.copy2(entry, dst)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(entry, dst)
         except OSError as err:
             raise ExportError(f"cannot copy {str(entry)!r} into the output folder: {err.strerror or err}") from None
 

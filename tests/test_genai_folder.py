@@ -322,3 +322,29 @@ def test_interrupted_folder_run_resumes_to_the_same_folder(folder, text, tmp_pat
     assert main([*args, "-o", str(tmp_path / "none"), "--resume"]) == 2
     assert "no checkpoint" in _error_line(capsys)
     assert not (tmp_path / "none.qronos-partial").exists()
+
+
+def test_decoder_in_a_subfolder_and_extra_files_are_carried(folder, text, tmp_path):
+    """genai_config.json may name the decoder in a subfolder; every other file (subfolders too) is copied as it is."""
+    import shutil
+
+    src = tmp_path / "src"
+    (src / "decoder").mkdir(parents=True)
+    for name in ("model.onnx", "model.onnx.data"):
+        shutil.copy2(folder / name, src / "decoder" / name)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(folder / name, src / name)
+    cfg = json.loads((folder / "genai_config.json").read_text())
+    cfg["model"]["decoder"]["filename"] = "decoder/model.onnx"
+    (src / "genai_config.json").write_text(json.dumps(cfg, indent=4))
+    (src / "extra").mkdir()
+    (src / "extra" / "notes.txt").write_text("kept")
+    before = _sha_tree(src)
+    out = tmp_path / "out"
+    assert main(["quantize", str(src), "--calib", str(text), "-o", str(out), *QUICK]) == 0
+    assert _sha_tree(src) == before
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "decoder/model.onnx", "decoder/model.onnx.config.yaml", "decoder/model.onnx.report.json", "extra/notes.txt",
+        "genai_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "decoder/model.onnx"
+    assert _generate(out) > 0

@@ -38,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="quantize a model's weights with calibration data")
-    q.add_argument("model", help="input ONNX model (never modified)")
+    q.add_argument("model", help="input ONNX model, or an onnxruntime-genai model folder (never modified)")
     q.add_argument("--calib", required=True, help="calibration data: .npz directory or file, or .txt/.jsonl text")
-    q.add_argument("-o", "--output", required=True, help="output ONNX path (written atomically)")
+    q.add_argument("-o", "--output", required=True,
+                   help="output ONNX path, or output folder for a genai folder (written atomically)")
     q.add_argument("--recipe", help="built-in recipe name (see `qronos-onnx recipes`) or a YAML file")
     preset = q.add_mutually_exclusive_group()
     for name in PRESETS:
@@ -56,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=WEIGHT_FORMATS,
                    help="weight format: int grid, OCP MX (mxfp4, mxfp8, mxint8; blocks of 32) or per-channel fp8")
     q.add_argument("--dialect", choices=DIALECTS,
-                   help="export form: qdq (runs in onnxruntime, default), mx (canonical opset-24 MX for compilers), "
-                        "matmulnbits (com.microsoft.MatMulNBits for integer MatMul weights)")
+                   help="export form: qdq (runs in onnxruntime; the default for ONNX files), mx (canonical opset-24 "
+                        "MX for compilers), matmulnbits (com.microsoft.MatMulNBits for integer MatMul weights; the "
+                        "default for genai folders)")
     q.add_argument("--act-calibration", choices=ACT_CALIBRATIONS,
                    help="static activation scales from min-max, a percentile (--act-percentile) or an MSE search")
     q.add_argument("--act-percentile", type=float, help="percentile for --act-calibration percentile (e.g. 99.99)")
@@ -130,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a model (and compare it with another): perplexity or a task metric")
-    e.add_argument("model", help="ONNX model to evaluate (e.g. the float model)")
+    e.add_argument("model", help="ONNX model or onnxruntime-genai folder to evaluate (e.g. the float model)")
     e.add_argument("--compare", metavar="OTHER.onnx", help="a second model (e.g. the quantized one), shown beside it")
     e.add_argument("--task", required=True, action="append", choices=("ppl", "retrieval", "topic", "classify",
                                                                          "textdir"),
@@ -222,11 +224,20 @@ def load_layer_config(path: str) -> list[dict]:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    from . import genai
     from .api import quantize
 
     cfg = config_from_args(args)
-    result = quantize(args.model, args.calib, args.output, cfg, tokenizer=args.tokenizer, overwrite=args.overwrite,
-                      quiet=args.quiet, resume=args.resume, checkpoint=args.checkpoint)
+    if Path(args.model).is_dir():  # an onnxruntime-genai folder in, a genai folder out (genai.py)
+        cfg = genai.default_dialect(cfg, dialect_given=bool(args.dialect))
+        result = genai.quantize_folder(args.model, args.calib, args.output, cfg, tokenizer=args.tokenizer,
+                                       overwrite=args.overwrite, quiet=args.quiet, resume=args.resume,
+                                       checkpoint=args.checkpoint)
+    else:
+        with genai.cache_dims(args.model):  # a genai decoder file: its cache head size is in genai_config.json
+            result = quantize(args.model, args.calib, args.output, cfg, tokenizer=args.tokenizer,
+                              overwrite=args.overwrite, quiet=args.quiet, resume=args.resume,
+                              checkpoint=args.checkpoint)
     if not args.quiet:
         print(format_summary(result))
     return 0
@@ -296,15 +307,19 @@ def _inspect(args: argparse.Namespace) -> int:
     from .calib.kv_cache import prefill_lines
     from .graph.model import default_opset, load_model
     from .graph.targets import find_targets
+    from . import genai
 
-    model = load_model(args.model)
+    path = genai.resolve_model(args.model)  # a genai folder: its decoder
+    model = load_model(path)
     targets = find_targets(model, args.exclude or [])
-    print(f"model: {args.model}")
+    print(f"model: {path}" + (f" (decoder of onnxruntime-genai folder {args.model})" if path != args.model else ""))
     print(f"opset: {default_opset(model)}   ir_version: {model.ir_version}   nodes: {len(model.graph)}")
     print("inputs:")
     for spec in graph_input_specs(model):
         print(f"  {spec.name}: {spec.describe()}")
-    for line in prefill_lines(model):
+    with genai.cache_dims(path):
+        lines = prefill_lines(model)
+    for line in lines:
         print(line)
     _print_quantized(model)
     print(f"quantizable nodes: {len(targets)}")
@@ -347,6 +362,12 @@ def _print_quantized(model) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from .eval.report import EvalData, EvalOptions, evaluate, options_dict, side_by_side
+    from .genai import resolve_model
+
+    if args.tokenizer is None and Path(args.model).is_dir():
+        args.tokenizer = args.model  # a genai folder holds its tokenizer
+    args.model = resolve_model(args.model)  # a genai folder: its decoder file
+    args.compare = resolve_model(args.compare) if args.compare else None
 
     opts = EvalOptions(tokenizer=args.tokenizer, text=args.text, seq_len=args.seq_len,
                        windows=None if args.windows == 0 else args.windows, images=args.images,

@@ -20,11 +20,18 @@ prefill pass ignores them.
 
 Anything else (an unknown input, a past whose length is fixed, a 4-D mask) cannot be built: the error names each such
 input on one line with the shape and dtype the graph expects.
+
+Symbolic dims that are not the past length can be given values (``dims`` of ``plan_prefill``, or ``known_dims(...)``
+around a call that plans deeper down): the onnxruntime-genai builder declares the head size of its cache as
+``kv_cache_dim``, which only its ``genai_config.json`` resolves (``qronos_onnx/genai.py``).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,7 +199,9 @@ def _past_entry(spec: InputSpec) -> Synthesised | str:
                 "a zero-length past: export with a dynamic past length")
     elif len(spec.shape) == 4 and 2 in symbolic:
         return ("past key/value input with more than one dynamic dim besides the batch: cannot tell the number of KV "
-                "heads and the head size; export with them fixed ([batch, kv_heads, past_length, head_dim])")
+                "heads and the head size; export with them fixed ([batch, kv_heads, past_length, head_dim])"
+                + ("; for an onnxruntime-genai model give its folder (genai_config.json holds the head size)"
+                   if "kv_cache_dim" in spec.shape else ""))
     else:
         return "past key/value input with more than one dynamic dim besides the batch: cannot tell the past length axis"
     return Synthesised(spec, "past", axis, kind, layer)
@@ -231,11 +240,36 @@ def expected(spec: InputSpec) -> str:
     return f"{shape} {spec.elem_type.lower() if spec.elem_type else spec.dtype}"
 
 
+_KNOWN_DIMS: ContextVar[Mapping[str, int]] = ContextVar("qronos_known_dims", default={})
+
+
+@contextlib.contextmanager
+def known_dims(dims: Mapping[str, int]) -> Iterator[None]:
+    """Values of symbolic dims (e.g. ``{"kv_cache_dim": 64}``) for every ``plan_prefill`` inside the block: how a
+    caller that knows them (a genai folder's config) reaches the text calibration deep inside ``quantize()``."""
+    token = _KNOWN_DIMS.set({**_KNOWN_DIMS.get(), **dims})
+    try:
+        yield
+    finally:
+        _KNOWN_DIMS.reset(token)
+
+
+def _resolve_dims(spec: InputSpec, dims: Mapping[str, int]) -> InputSpec:
+    if not dims or spec.shape is None:
+        return spec
+    shape = tuple(int(dims[d]) if isinstance(d, str) and d in dims else d for d in spec.shape)
+    return spec if shape == spec.shape else dataclasses.replace(spec, shape=shape)
+
+
 def plan_prefill(specs: Sequence[InputSpec], output_names: Sequence[str] = (), *, ids_name: str = "input_ids",
-                 error=CalibrationError, what: str = "text calibration") -> PrefillPlan:
-    """Recognise every graph input (see the module docstring); refuse, one line per input, what cannot be built."""
+                 error=CalibrationError, what: str = "text calibration",
+                 dims: Mapping[str, int] | None = None) -> PrefillPlan:
+    """Recognise every graph input (see the module docstring); refuse, one line per input, what cannot be built.
+
+    ``dims``: values for named symbolic dims (on top of any ``known_dims`` in force), e.g. a cache's head size."""
     entries, bad = [], []
-    for spec in specs:
+    known = {**_KNOWN_DIMS.get(), **(dims or {})}
+    for spec in (_resolve_dims(s, known) for s in specs):
         role = "input_ids" if spec.name == ids_name else _role(spec)
         if role is None:
             bad.append(f"{spec.name!r} (graph input {expected(spec)}): not a token, mask, position or past key/value "

@@ -161,7 +161,13 @@ def perplexity(model_path, token_ids: np.ndarray, *, seq_len: int = 256, max_win
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     sess = make_session(model_path, providers, session_options, accuracy_level)
-    plan = prefill_plan(sess)
+    if isinstance(model_path, (str, os.PathLike)):  # a genai decoder: the cache head size is in genai_config.json
+        from ..genai import cache_dims
+
+        with cache_dims(model_path):
+            plan = prefill_plan(sess)
+    else:
+        plan = prefill_plan(sess)
     feeds, (out_name, vocab) = plan.feed, _logits_output(sess, plan.presents)
     max_id = int(wins.max())
     if vocab is not None and max_id >= vocab:

@@ -200,6 +200,8 @@ def side_by_side(results: dict[str, dict[str, dict]], reference: str | None = No
     names = list(results)
     reference = reference if reference is not None else names[0]
     label = {n: Path(n).name for n in names}
+    if len(set(label.values())) < len(label):  # e.g. two genai folders' model.onnx: name the folders too
+        label = {n: f"{Path(n).parent.name}/{Path(n).name}" for n in names}
     width = max([14] + [len(v) for v in label.values()])
     lines = []
     header = f"{'task':<10} {'metric':<9} " + " ".join(f"{label[n]:>{width}}" for n in names)

@@ -120,7 +120,7 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     untied = untie_heads(model, cfg.exclude) if cfg.embeddings.lm_head == "quantize" else []
     rewritten = untranspose_gemm_inputs(model)
     targets = find_targets(model, cfg.exclude)
-    heads = find_heads(targets, find_embedding_tables(model, cfg.exclude), untied)
+    heads = find_heads(model, targets, find_embedding_tables(model, cfg.exclude), untied)
     exclude = list(cfg.exclude)
     if cfg.embeddings.lm_head == "float":
         exclude += [f"^{re.escape(h)}$" for h in heads]
@@ -161,7 +161,7 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     for item in skipped:
         if item["node"] in heads and cfg.embeddings.lm_head == "float":
             item["reason"] = "--lm-head float"
-    unexplained = [s for s in skipped if s["reason"] != "matches --exclude"]
+    unexplained = [s for s in skipped if s["reason"] not in ("matches --exclude", "--lm-head float")]
     if unexplained:
         shown = "; ".join(f"{s['node']} ({s['reason']})" for s in unexplained[:3])
         log.warning("warning: %d MatMul/Gemm/Conv node(s) with a constant weight stay float: %s%s (listed in the "

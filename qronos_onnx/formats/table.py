@@ -19,7 +19,7 @@ def quantize_table(table: np.ndarray, cfg: EmbeddingConfig, name: str) -> Quanti
     along the hidden axis (0: one per row); scales exact in the table's dtype (float16 tables get float16 scales)."""
     if not cfg.enabled:
         raise ValueError("quantize_table needs embeddings.bits 8 or 4")
-    W = torch.from_numpy(np.asarray(table, dtype=np.float32))
+    W = torch.from_numpy(np.array(table, dtype=np.float32, copy=True))
     scale_dtype = torch.float16 if np.dtype(table.dtype) == np.float16 else torch.float32
     wcfg = WeightQuantConfig(format="int", bits=int(cfg.bits), symmetric=cfg.symmetric, group_size=cfg.block)
     grid = make_grid(W, wcfg, scale_dtype, name=name)

@@ -110,10 +110,29 @@ def untie_heads(model: ir.Model, exclude: list[str] | tuple[str, ...] = ()) -> l
     return done
 
 
-def find_heads(targets: list[Target], tables: list[EmbeddingTable], untied: list[UntiedHead]) -> list[str]:
-    """The lm_head target(s): a head untied from a table, or a MatMul / Gemm whose output width is the row count of
-    a gathered table (the vocabulary) and whose input width is its hidden size."""
+def find_heads(model: ir.Model, targets: list[Target], tables: list[EmbeddingTable],
+               untied: list[UntiedHead]) -> list[str]:
+    """The lm_head target(s): a head untied from a table, or a MatMul / Gemm that maps the hidden size of a gathered
+    table to its row count (the vocabulary) and whose output reaches a graph output through no other target."""
     sizes = {t.shape for t in tables}
     untied_nodes = {u.node for u in untied}
-    return [t.name for t in targets if t.op_type in ("MatMul", "Gemm")
-            and (t.name in untied_nodes or (t.out_channels, t.in_features) in sizes)]
+    names = {t.name for t in targets}
+    nodes = {n.name: n for n in model.graph}
+    return [t.name for t in targets if t.op_type in ("MatMul", "Gemm") and (
+        t.name in untied_nodes or ((t.out_channels, t.in_features) in sizes and _last(nodes[t.name], names)))]
+
+
+def _last(node: ir.Node, targets: set[str], limit: int = 10_000) -> bool:
+    """``node``'s output reaches a graph output without passing through a node of ``targets``."""
+    todo, seen, reached = list(node.outputs), set(), False
+    while todo and len(seen) < limit:
+        v = todo.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        reached = reached or v.is_graph_output()
+        for user, _ in v.uses():
+            if user.name in targets:
+                return False
+            todo.extend(user.outputs)
+    return reached

@@ -288,6 +288,15 @@ def _inspect(args: argparse.Namespace) -> int:
             layout = "[K, N]"
         shared = f" shared with {', '.join(t.shared_with)}" if t.shared_with else ""
         print(f"  {t.name[-48:]:<48} {t.op_type:<7} {str(list(t.weight_shape)):<16} {layout}{shared}")
+    from .graph.embeddings import find_embedding_tables, tied_heads
+
+    tables = find_embedding_tables(model, args.exclude or [])
+    print(f"embedding tables (constant-table Gathers, --embeddings): {len(tables)}")
+    for e in tables:
+        also = f", also read by {', '.join(e.other_readers)}" if e.other_readers else ""
+        print(f"  {e.name[-48:]:<48} {str(list(e.shape)):<16} gathered by {', '.join(e.gathers)}{also}")
+    for node, table in tied_heads(model):
+        print(f"tied lm_head: {node} reads {table} through a Transpose (--lm-head quantize unties it in the output)")
     return 0
 
 

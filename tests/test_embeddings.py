@@ -258,3 +258,11 @@ def test_cli_flags_reach_the_config(decoders, tmp_path, capsys):
     assert "embeddings:" in cfg and "bits: 4" in cfg
     assert main(["report", str(out) + ".report.json"]) == 0
     assert "embedding table embed_tokens" in capsys.readouterr().out
+
+
+def test_inspect_lists_tables_and_tied_heads(decoders, capsys):
+    assert main(["inspect", str(decoders[True])]) == 0
+    text = capsys.readouterr().out
+    assert "embedding tables (constant-table Gathers, --embeddings): 1" in text
+    assert "gathered by embed, also read by tie" in text
+    assert "tied lm_head: lm_head reads embed_tokens through a Transpose" in text

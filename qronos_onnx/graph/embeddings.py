@@ -77,6 +77,23 @@ def find_embedding_tables(model: ir.Model, exclude: list[str] | tuple[str, ...] 
     return out
 
 
+def _tied_table(node: ir.Node) -> ir.Value | None:
+    """The constant table a ``MatMul(x, Transpose(table, perm=[1, 0]))`` reads, or None."""
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    tr = node.inputs[1].producer() if node.inputs[1] is not None else None
+    if tr is None or tr.op_type != "Transpose" or tr.domain not in ("", "ai.onnx"):
+        return None
+    perm = list(tr.attributes["perm"].as_ints()) if "perm" in tr.attributes else [1, 0]
+    return tr.inputs[0] if _const_table(tr.inputs[0]) and perm == [1, 0] else None
+
+
+def tied_heads(model: ir.Model) -> list[tuple[str, str]]:
+    """(MatMul node, table) for every head that reads a constant table through a Transpose."""
+    name_nodes(model)
+    return [(n.name, t.name) for n in model.graph if (t := _tied_table(n)) is not None]
+
+
 def untie_heads(model: ir.Model, exclude: list[str] | tuple[str, ...] = ()) -> list[UntiedHead]:
     """``MatMul(x, Transpose(table))`` with a constant 2-D table -> ``MatMul(x, table_T)``, ``table_T`` its own
     initializer (the same values, so the float function is unchanged); the Transpose goes when nothing else reads it.
@@ -88,15 +105,10 @@ def untie_heads(model: ir.Model, exclude: list[str] | tuple[str, ...] = ()) -> l
     fresh = name_factory(graph)
     done = []
     for node in list(graph):
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        table = _tied_table(node)
+        if table is None or any(p.search(node.name) for p in patterns):
             continue
-        tr = node.inputs[1].producer() if node.inputs[1] is not None else None
-        if tr is None or tr.op_type != "Transpose" or tr.domain not in ("", "ai.onnx"):
-            continue
-        table = tr.inputs[0]
-        perm = list(tr.attributes["perm"].as_ints()) if "perm" in tr.attributes else [1, 0]
-        if not _const_table(table) or perm != [1, 0] or any(p.search(node.name) for p in patterns):
-            continue
+        tr = node.inputs[1].producer()
         arr = np.ascontiguousarray(np.asarray(read_initializer(table)).T)
         name = fresh(f"{table.name}_lm_head")
         new = ir.Value(name=name, shape=ir.Shape(list(arr.shape)), type=ir.TensorType(table.const_value.dtype),

@@ -30,7 +30,7 @@ from .formats.table import quantize_table
 from .graph.io import OutputStage, check_output_path, run_inputs
 from .graph.preflight import (check_free_space, check_input_model, describe_ops, estimate_output_bytes,
                               quantized_ops)
-from .graph.embeddings import EmbeddingTable, find_embedding_tables, find_heads, untie_heads
+from .graph.embeddings import EmbeddingTable, find_embedding_tables, find_heads, tied_heads, untie_heads
 from .graph.model import load_model, read_initializer
 from .transforms import TransformLog
 from .transforms.fused import FusedRotationUnsupported, fuse_rotations
@@ -125,6 +125,10 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     if cfg.embeddings.lm_head == "float":
         exclude += [f"^{re.escape(h)}$" for h in heads]
         targets = [t for t in targets if t.name not in heads]
+        if not heads and not tied_heads(model):
+            log.warning("note: --lm-head float: no lm_head found (a MatMul/Gemm from the hidden size of a gathered "
+                        "table to its row count, or one reading a table through a Transpose); nothing kept float "
+                        "for it")
     lm_head = {"mode": cfg.embeddings.lm_head, "nodes": heads,
                "untied": [dataclasses.asdict(u) for u in untied]}
     samples = load_calibration(calib, model, samples=cfg.capture.samples, seed=cfg.seed,

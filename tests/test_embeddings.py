@@ -266,3 +266,28 @@ def test_inspect_lists_tables_and_tied_heads(decoders, capsys):
     assert "embedding tables (constant-table Gathers, --embeddings): 1" in text
     assert "gathered by embed, also read by tie" in text
     assert "tied lm_head: lm_head reads embed_tokens through a Transpose" in text
+
+
+def test_untie_keeps_the_float_function_and_heads_are_found_by_shape_and_position(tmp_path):
+    from qronos_onnx.graph.embeddings import find_embedding_tables, find_heads, untie_heads
+    from qronos_onnx.graph.io import save_model
+    from qronos_onnx.graph.model import load_model
+    from qronos_onnx.graph.targets import find_targets
+
+    # an FFN as wide as the vocabulary is not a head: its output feeds another target
+    proto = tm.token_decoder(False, vocab=V, d=D, ffn=V)
+    path = tmp_path / "wide.onnx"
+    onnx.save(proto, str(path))
+    model = load_model(path)
+    assert find_heads(model, find_targets(model), find_embedding_tables(model), []) == ["lm_head"]
+    path = tmp_path / "tied.onnx"
+    onnx.save(tm.token_decoder(True, vocab=V, d=D), str(path))
+    model = load_model(path)
+    (u,) = untie_heads(model)
+    assert (u.node, u.table) == ("lm_head", "embed_tokens")
+    assert "tie" not in {n.name for n in model.graph}  # nothing else read the Transpose
+    targets = find_targets(model)
+    assert find_heads(model, targets, find_embedding_tables(model), [u]) == ["lm_head"]
+    save_model(model, tmp_path / "untied.onnx")
+    feed = {"input_ids": np.arange(V, dtype=np.int64)[None]}
+    assert _run(path, feed).tobytes() == _run(tmp_path / "untied.onnx", feed).tobytes()

@@ -24,12 +24,15 @@ from .checkpoint import open_checkpoint, read_manifest, sigterm_as_interrupt
 from .config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from .errors import ConfigError, ModelError
 from .export import export_model, validate_export
+from .export.gather import QuantizedTable, export_tables
 from .export.qdq import default_opset, ir_version_for_opset, upgrade_opset
 from .formats import IntGrid, QuantizedWeight, make_grid
+from .formats.table import quantize_table
 from .graph.io import OutputStage, check_output_path, run_inputs
 from .graph.preflight import (check_free_space, check_input_model, describe_ops, estimate_output_bytes,
                               quantized_ops)
-from .graph.model import load_model
+from .graph.embeddings import EmbeddingTable, find_embedding_tables, find_heads, tied_heads, untie_heads
+from .graph.model import load_model, read_initializer
 from .precision import (LayerPlan, act_label, apply_target_bits, average_bits, is_mixed, promote, resolve_plan,
                         storage_bits)
 from .transforms import TransformLog
@@ -82,6 +85,8 @@ class QuantResult:
     transforms: dict = field(default_factory=dict)  # TransformLog.to_dict(): notes, float rotation nodes
     output_bytes: int = 0
     precision: dict = field(default_factory=dict)  # the bit budget and what it promoted (--target-bits)
+    embeddings: list[dict] = field(default_factory=list)  # QuantizedTable.report() of each quantized table
+    lm_head: dict = field(default_factory=dict)  # mode, head nodes, heads untied from a table
 
     def worst_layers(self, n: int = 10) -> list[LayerReport]:
         return sorted(self.layers, key=lambda r: -r.rel_error)[:n]
@@ -118,12 +123,25 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     say = _status(quiet)
     preflight = check_input_model(model_path)  # refusals the output would meet, before any work
     fold_constant_aliases(model)
+    # a head tied to the embedding through a Transpose gets its own copy of the table (the float function is the
+    # same); it is then a target like any other, quantized on its own grid: the tie is undone in the output only
+    untied = untie_heads(model, cfg.exclude) if cfg.embeddings.lm_head == "quantize" else []
     rewritten = untranspose_gemm_inputs(model)
     targets = find_targets(model, cfg.exclude)
+    heads = find_heads(model, targets, find_embedding_tables(model, cfg.exclude), untied)
+    exclude = list(cfg.exclude)
+    if cfg.embeddings.lm_head == "float":
+        exclude += [f"^{re.escape(h)}$" for h in heads]
+        targets = [t for t in targets if t.name not in heads]
+        if not heads and not tied_heads(model):
+            log.warning("note: --lm-head float: no lm_head found (a MatMul/Gemm from the hidden size of a gathered "
+                        "table to its row count, or one reading a table through a Transpose); nothing kept float "
+                        "for it")
+    lm_head = {"mode": cfg.embeddings.lm_head, "nodes": heads,
+               "untied": [dataclasses.asdict(u) for u in untied]}
     samples = load_calibration(calib, model, samples=cfg.capture.samples, seed=cfg.seed,
                                seq_len=cfg.capture.seq_len, tokenizer=tokenizer,
                                special_tokens=cfg.capture.special_tokens)
-    exclude = list(cfg.exclude)
     transform_log = TransformLog()
     rotations = _rotate(model, targets, cfg, samples, transform_log) if targets else []
     chosen = {t.name for t in targets}  # transforms never change which nodes are quantized (a tied head stays float)
@@ -145,7 +163,8 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     options = [p for t in targets for p in (plans[t.name], promote(plans[t.name]) if cfg.precision.target_bits
                                             is not None else None) if p is not None]
     act_opset = max(required_opset(p.activations, dtypes) for p in options)
-    need = max(act_opset, max(_weight_export_opset(cfg, targets, p.weights) for p in options))
+    need = max(act_opset, max(_weight_export_opset(cfg, targets, p.weights) for p in options),
+               _table_export_opset(cfg, find_embedding_tables(model, cfg.exclude)))
     if targets and default_opset(model) < need:
         upgrade_opset(model, need)
         model.ir_version = max(int(model.ir_version or 0), ir_version_for_opset(need))
@@ -162,10 +181,14 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     if already:
         log.warning("note: model %s already holds %s; those parts are kept as they are, only float weights are "
                     "quantized", model_path, describe_ops(already))
-    skipped = left_alone(model, targets, cfg.exclude, ignore=set(rotations) | set(floated))
-    skipped += [{"node": t.name, "op": t.op_type, "weight": t.weight_name,
-                 "reason": f"float by layer rule {floated[t.name]!r}"} for t in everything if t.name in floated]
-    unexplained = [s for s in skipped if s["reason"] != "matches --exclude"]
+    skipped = left_alone(model, targets, exclude, ignore=set(rotations))
+    for item in skipped:
+        if item["node"] in heads and cfg.embeddings.lm_head == "float":
+            item["reason"] = "--lm-head float"
+        elif item["node"] in floated:
+            item["reason"] = f"float by layer rule {floated[item['node']]!r}"
+    unexplained = [s for s in skipped if s["reason"] not in ("matches --exclude", "--lm-head float")
+                   and not s["reason"].startswith("float by layer rule")]
     if unexplained:
         shown = "; ".join(f"{s['node']} ({s['reason']})" for s in unexplained[:3])
         log.warning("warning: %d MatMul/Gemm/Conv node(s) with a constant weight stay float: %s%s (listed in the "
@@ -245,17 +268,26 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
             {t.name: [plans[t.name].weight_label(), plans[t.name].act_label()] for t in targets})
     if budget is not None:
         metadata["quant.target_bits"] = f"{budget.target_bits:g}"
-    say(f"exporting {len(quantized)} quantized weights ({cfg.export.dialect})")
+    tables = _quantize_tables(model, cfg)
+    if tables:
+        metadata["quant.embeddings"] = str(cfg.embeddings.bits)
+    metadata["quant.lm_head"] = cfg.embeddings.lm_head
+    say(f"exporting {len(quantized)} quantized weights ({cfg.export.dialect})"
+        + (f" and {len(tables)} embedding table(s) ({cfg.embeddings.bits}-bit)" if tables else ""))
     export_model(model, quantized, targets, dialect=cfg.export.dialect, metadata=metadata,
                  accuracy_level=cfg.export.accuracy_level)
     if acts is not None:
         acts.apply(model)
+    export_tables(model, tables, cfg.export.dialect)
+    if untied:
+        log.info("lm_head: %s untied from %s in the output (each quantized on its own grid)",
+                 ", ".join(u.node for u in untied), ", ".join(sorted({u.table for u in untied})))
     config_path, report_path = out.with_name(out.name + ".config.yaml"), out.with_name(out.name + ".report.json")
     with OutputStage(out, overwrite=overwrite) as stage:  # nothing under the final names until all is checked
         say(f"writing {out.name}")
         staged = stage.write_model(model)
         say("validating the written file (onnx.checker, onnxruntime load, every weight read back bit-exact)")
-        validate_export(staged, quantized, targets, checker=preflight.checker_ok)
+        validate_export(staged, quantized, targets, checker=preflight.checker_ok, tables=tables)
         t_export = time.perf_counter() - t0
         result = QuantResult(
             output_path=out,
@@ -273,6 +305,8 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
             transforms=transform_log.to_dict(),
             precision={"weight_bits_average": round(average_bits(everything, plans), 4), "mixed": mixed,
                        **(budget.to_dict() if budget is not None else {})},
+            embeddings=[qt.report() for qt in tables],
+            lm_head=lm_head,
         )
         stage.write_text(config_path, _config_yaml(cfg, plans, everything, budget))
         report = _report_dict(result, model_path)
@@ -314,6 +348,31 @@ def _rotate(model, targets: list[Target], cfg: QuantConfig, samples, transform_l
                         "instead", err.node, err.why)
             transform_log.notes.append(f"fused rotation not applied (at {err.node}: {err.why}); online instead")
     return rotate_inputs(model, online_targets, seed=cfg.seed, log=transform_log)
+
+
+def _quantize_tables(model, cfg: QuantConfig) -> list[QuantizedTable]:
+    """Round every embedding table of the final float model (after the transforms) to nearest on its grid."""
+    if not cfg.embeddings.enabled:
+        return []
+    out = []
+    for t in find_embedding_tables(model, cfg.exclude):
+        arr = read_initializer(model.graph.initializers[t.name])
+        out.append(QuantizedTable(t, quantize_table(arr, cfg.embeddings, t.name)))
+    return out
+
+
+def _table_export_opset(cfg: QuantConfig, tables: list[EmbeddingTable]) -> int:
+    """The opset the tables' DequantizeLinear form will need (0 when every table becomes GatherBlockQuantized),
+    raised with the weights' before capture so that the export never converts the graph again."""
+    if not cfg.embeddings.enabled:
+        return 0
+    need = 0
+    for t in tables:
+        bits, block = int(cfg.embeddings.bits), cfg.embeddings.block
+        if cfg.export.dialect == "mx" or (bits == 4 and t.shape[1] % 2):
+            per_row = not block or block >= t.shape[1]
+            need = max(need, 21 if bits <= 4 or not per_row else (19 if np.dtype(t.dtype) == np.float16 else 13))
+    return need
 
 
 def _status(quiet: bool):
@@ -580,4 +639,6 @@ def _report_dict(result: QuantResult, model_path) -> dict:
         "timings_seconds": result.timings,
         "config": result.config.to_dict(),
         "layers": [asdict(r) for r in result.layers],
+        "embeddings": result.embeddings,
+        "lm_head": result.lm_head,
     }

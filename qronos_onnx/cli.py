@@ -78,8 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--smoothquant", type=float, metavar="ALPHA",
                    help="SmoothQuant: per-input-channel scales max|X|^ALPHA / max|W|^(1-ALPHA) folded into the "
                         "preceding norm or MatMul (else an explicit Mul); for static INT8 activations, e.g. 0.5")
+    q.add_argument("--embeddings", choices=("float", "8", "4"),
+                   help="constant-table Gathers (token embeddings), rounded to nearest per token vector: 8 (default: "
+                        "one scale per row, no measurable cost), 4 (blocks of 32) or float; written as "
+                        "com.microsoft.GatherBlockQuantized (DequantizeLinear -> Gather for --dialect mx)")
+    q.add_argument("--lm-head", choices=("quantize", "float"),
+                   help="the lm_head MatMul: quantize (default; a head tied to the embedding through a Transpose "
+                        "gets its own copy, quantized on its own grid) or float")
     q.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
-                   help="regular expression on node names to leave in float (repeatable)")
+                   help="regular expression on node names to leave in float (repeatable; Gather nodes too)")
     q.add_argument("--layer-config", metavar="FILE",
                    help="YAML of per-layer settings: node-name regular expression -> weight format/bits/group size "
                         "and/or activation format, or float (e.g. '/conv1/: int8', 'head: float'); applied after "
@@ -176,6 +183,9 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         "transforms.rotate": args.rotate,
         "transforms.magr": args.magr,
         "transforms.smoothquant": args.smoothquant,
+        "embeddings.bits": None if args.embeddings is None else (args.embeddings if args.embeddings == "float"
+                                                                 else int(args.embeddings)),
+        "embeddings.lm_head": args.lm_head,
         "capture.reference": args.reference,
         "capture.max_memory": parse_bytes(args.max_memory, "--max-memory") if args.max_memory else None,
         "rounding.damping": args.damping,
@@ -287,6 +297,18 @@ def format_summary(result, top: int = 10) -> str:
                 kinds[x] = kinds.get(x, 0) + 1
         lines.append("transforms: " + ", ".join(f"{k} on {n}" for k, n in sorted(kinds.items()))
                      + f"; {result.transforms.get('float_rotation_nodes', 0)} float rotation MatMul(s) in the output")
+    for e in getattr(result, "embeddings", []) or []:
+        lines.append(f"embedding table {e['table']} {'x'.join(map(str, e['shape']))}: {e['bits']}-bit "
+                     f"{'g' + str(e['group_size']) if e['group_size'] else 'per row'} "
+                     f"{'sym' if e['symmetric'] else 'asym'} round-to-nearest, {e['form']}"
+                     + (f", rel. error {e['rel_error']:.4f}" if isinstance(e.get("rel_error"), float) else "")
+                     + (f"; float copy kept for {', '.join(e['float_readers_kept'])}"
+                        if e.get("float_readers_kept") else ""))
+    head = getattr(result, "lm_head", {}) or {}
+    if head.get("nodes") or head.get("untied"):
+        untied = {u["node"]: u["table"] for u in head.get("untied", [])}
+        lines.append(f"lm_head ({head.get('mode')}): " + ", ".join(
+            n + (f" (untied from {untied[n]} in the output)" if n in untied else "") for n in head.get("nodes", [])))
     for note in result.transforms.get("notes", []):
         lines.append(f"note: {note}")
     noted = [r for r in result.layers if r.note]
@@ -334,6 +356,15 @@ def _inspect(args: argparse.Namespace) -> int:
             layout = "[K, N]"
         shared = f" shared with {', '.join(t.shared_with)}" if t.shared_with else ""
         print(f"  {t.name[-48:]:<48} {t.op_type:<7} {str(list(t.weight_shape)):<16} {layout}{shared}")
+    from .graph.embeddings import find_embedding_tables, tied_heads
+
+    tables = find_embedding_tables(model, args.exclude or [])
+    print(f"embedding tables (constant-table Gathers, --embeddings): {len(tables)}")
+    for e in tables:
+        also = f", also read by {', '.join(e.other_readers)}" if e.other_readers else ""
+        print(f"  {e.name[-48:]:<48} {str(list(e.shape)):<16} gathered by {', '.join(e.gathers)}{also}")
+    for node, table in tied_heads(model):
+        print(f"tied lm_head: {node} reads {table} through a Transpose (--lm-head quantize unties it in the output)")
     return 0
 
 
@@ -481,7 +512,10 @@ def load_report(path: str | Path):
                        config=config, layers=layers, precision=data.get("precision") or {},
                        timings={k: float(v) for k, v in timings.items() if isinstance(v, (int, float))},
                        n_samples=int(data.get("calibration_samples") or 0),
-                       output_bytes=int(data.get("output_bytes") or 0))
+                       output_bytes=int(data.get("output_bytes") or 0),
+                       embeddings=[e for e in data.get("embeddings") or [] if isinstance(e, dict)
+                                   and {"table", "shape", "bits", "group_size", "symmetric", "form"} <= set(e)],
+                       lm_head=data.get("lm_head") if isinstance(data.get("lm_head"), dict) else {})
 
 
 def _report(args: argparse.Namespace) -> int:

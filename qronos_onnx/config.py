@@ -375,6 +375,48 @@ def _section(value: Any, cls: type, where: str, word) -> dict[str, Any]:
     return {**fixed, **value}
 
 
+EMBEDDING_BITS = (8, 4, "float")
+LM_HEADS = ("quantize", "float")
+
+
+@dataclass
+class EmbeddingConfig:
+    """Constant-table Gathers (token embeddings) and the lm_head (graph/embeddings.py, export/gather.py).
+
+    ``bits``: 8, 4 or float. A table has no activations to solve against, so it is rounded to nearest, per token
+    vector with blocks of ``group_size`` along the hidden axis (None: one scale per row at 8 bits, 32 at 4 bits;
+    else a power of two >= 16, what onnxruntime's GatherBlockQuantized takes). ``lm_head``: quantize (the head is a
+    target like any other, a head tied to the embedding through a Transpose gets its own copy) or float.
+    """
+
+    bits: int | str = 8
+    group_size: int | None = None
+    symmetric: bool = False
+    lm_head: str = "quantize"
+
+    def validate(self) -> None:
+        if self.bits not in EMBEDDING_BITS or isinstance(self.bits, bool):
+            raise ConfigError(f"embeddings.bits must be 8, 4 or float, got {self.bits!r}")
+        _choice("embeddings.lm_head", self.lm_head, LM_HEADS)
+        g = self.group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 0
+                              or (g and (g < 16 or g & (g - 1)))):
+            raise ConfigError(f"embeddings.group_size must be null (auto), 0 (one scale per row) or a power of two "
+                              f">= 16, got {g!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ConfigError(f"embeddings.symmetric must be true or false, got {self.symmetric!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits != "float"
+
+    @property
+    def block(self) -> int:
+        """Weights per scale along the hidden axis; 0: one per row."""
+        if self.group_size is not None:
+            return self.group_size
+        return 0 if self.bits == 8 else 32
+
 @dataclass
 class QuantConfig:
     weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
@@ -384,13 +426,15 @@ class QuantConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     transforms: TransformConfig = field(default_factory=TransformConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     exclude: list[str] = field(default_factory=list)  # regular expressions matched against node names
     device: str = "auto"
     seed: int = 0
 
     def validate(self) -> "QuantConfig":
         for section in (self.weights, self.activations, self.rounding, self.capture, self.export, self.transforms,
-                        self.precision):
+                        self.precision,
+                        self.embeddings):
             section.validate()
         _choice("device", self.device, DEVICES)
         if not isinstance(self.seed, int):
@@ -462,6 +506,7 @@ _SECTIONS = {
     "export": ExportConfig,
     "transforms": TransformConfig,
     "precision": PrecisionConfig,
+    "embeddings": EmbeddingConfig,
 }
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30,

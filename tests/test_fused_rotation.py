@@ -175,7 +175,7 @@ def test_fused_on_a_graph_without_norms_falls_back(tmp_path, caplog):
     assert "no RMSNorm found" in caplog.text
 
 
-def test_tied_head_read_through_transpose_is_untied_and_stays_float(llamas, tmp_path):
+def test_tied_head_read_through_transpose_stays_tied_in_float_or_is_untied_and_quantized(llamas, tmp_path):
     # how the dynamo exporter writes SmolLM2's tied head: MatMul(norm, Transpose(embedding table))
     proto = onnx.load(str(llamas["dynamo"]))
     gather = next(n for n in proto.graph.node if n.op_type == "Gather"
@@ -209,5 +209,21 @@ def test_tied_head_read_through_transpose_is_untied_and_stays_float(llamas, tmp_
     for i, f in enumerate(_feeds(tied, n=4, seq=8)):
         np.savez(calib / f"s{i}.npz", **f)
     res = quantize(tied, calib, tmp_path / "q.onnx", load_recipe("w4").override(
-        {"transforms.rotate": "fused", "rounding.algorithm": "rtn"}), quiet=True)
+        {"transforms.rotate": "fused", "rounding.algorithm": "rtn", "embeddings.lm_head": "float"}), quiet=True)
     assert head.name not in {n for r in res.layers for n in r.nodes}  # rotation does not make it a target
+    assert any("tied head(s)" in n for n in res.transforms["notes"])
+    # --lm-head quantize (the default): untied before the rotation, the head is a reader with its own rotated
+    # weight and a target like any other; the Gather reads the rotated table, quantized on its own grid
+    res = quantize(tied, calib, tmp_path / "qh.onnx", load_recipe("w4").override(
+        {"transforms.rotate": "fused", "rounding.algorithm": "rtn"}), quiet=True)
+    (layer,) = [r for r in res.layers if head.name in r.nodes]
+    assert layer.shape == [64, VOCAB] and layer.transforms == ["rotate:fused(input)"]
+    assert not any("tied head(s)" in n for n in res.transforms["notes"])
+    assert res.lm_head["untied"][0]["node"] == head.name and res.embeddings[0]["form"] == "GatherBlockQuantized"
+    q = onnx.load(str(tmp_path / "qh.onnx"))
+    qnodes = {n.name: n for n in q.graph.node}
+    assert qnodes[gather.name].op_type == "GatherBlockQuantized"
+    assert next(n for n in q.graph.node if qnodes[head.name].input[1] in n.output).op_type == "DequantizeLinear"
+    for f in _feeds(tied, n=2, seq=9, seed=4):
+        ref, got = _ort(tied, f), _ort(tmp_path / "qh.onnx", f)
+        assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.9

@@ -126,3 +126,37 @@ def residual_mlp(d: int = 16, seed: int = 0) -> onnx.ModelProto:
 def mlp_inputs(n: int = 4, d: int = 16, seed: int = 1) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [{"x": rng.standard_normal((8, d)).astype(np.float32)} for _ in range(n)]
+
+
+def token_decoder(tied: bool, vocab: int = 96, d: int = 64, ffn: int = 80, n_blocks: int = 2, seed: int = 0,
+                  dtype=np.float32) -> onnx.ModelProto:
+    """input_ids -> Gather(embedding) -> residual MLP blocks -> lm_head -> logits. ``tied``: the head reads the
+    embedding table through Transpose(perm=[1, 0]) (how the torch exporters write a tied SmolLM2 head)."""
+    rng = np.random.default_rng(seed)
+    tdt = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    inits = [_init("embed_tokens", rng.standard_normal((vocab, d)).astype(dtype))]
+    nodes = [helper.make_node("Gather", ["embed_tokens", "input_ids"], ["h0"], name="embed")]
+    h = "h0"
+    for b in range(n_blocks):
+        p = f"b{b}_"
+        inits += [_init(p + "wu", (rng.standard_normal((d, ffn)) / np.sqrt(d)).astype(dtype)),
+                  _init(p + "wd", (rng.standard_normal((ffn, d)) / np.sqrt(ffn)).astype(dtype))]
+        nodes += [helper.make_node("MatMul", [h, p + "wu"], [p + "u"], name=p + "up_proj"),
+                  helper.make_node("Relu", [p + "u"], [p + "r"], name=p + "act"),
+                  helper.make_node("MatMul", [p + "r", p + "wd"], [p + "dn"], name=p + "down_proj"),
+                  helper.make_node("Add", [h, p + "dn"], [p + "out"], name=p + "res")]
+        h = p + "out"
+    if tied:
+        nodes += [helper.make_node("Transpose", ["embed_tokens"], ["embed_tokens_t"], perm=[1, 0], name="tie"),
+                  helper.make_node("MatMul", [h, "embed_tokens_t"], ["logits"], name="lm_head")]
+    else:
+        inits.append(_init("lm_head_w", (rng.standard_normal((d, vocab)) / np.sqrt(d)).astype(dtype)))
+        nodes.append(helper.make_node("MatMul", [h, "lm_head_w"], ["logits"], name="lm_head"))
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
+    outputs = [helper.make_tensor_value_info("logits", tdt, ["batch", "seq", vocab])]
+    return _model(nodes, inputs, outputs, inits)
+
+
+def token_inputs(n: int = 6, seq: int = 16, vocab: int = 96, seed: int = 1) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64)} for _ in range(n)]

@@ -49,8 +49,10 @@ def main() -> int:
                 paths[k.strip()] = v.strip()
     model, tok_dir, calib_txt = Path(paths["onnx"]), paths["tokenizer"], paths["calib_txt"]
 
-    cfg = load_recipe(args.recipe).override({"rounding.algorithm": args.algo, "capture.samples": args.samples,
-                                             "capture.seq_len": args.seq_len})
+    # the README table's protocol: the decoder's linear layers; the table and head stay float as in the anchors
+    cfg = load_recipe(args.recipe).override({"embeddings.bits": "float", "embeddings.lm_head": "float"})
+    cfg = cfg.override({"rounding.algorithm": args.algo, "capture.samples": args.samples,
+                        "capture.seq_len": args.seq_len})
     if args.group_size is not None:
         cfg = cfg.override({"weights.group_size": args.group_size})
     if args.reference:

@@ -4,7 +4,9 @@ bit-exact comparison of every DequantizeLinear with ``QuantizedWeight.dequantize
 The golden check runs the file's own DQ nodes and initializers (not our in-memory copy), so it proves what a runtime
 will compute from the bytes on disk. DQ forms onnxruntime has no kernel for (canonical MX: FLOAT4E2M1, E8M0 scales)
 are evaluated by ``onnx.reference``; com.microsoft.MatMulNBits weights are unpacked in numpy
-(``decode_matmulnbits``) and compared to the bit.
+(``decode_matmulnbits``) and compared to the bit. Quantized embedding tables are checked the same way: the
+``DequantizeLinear`` in front of a Gather joins the DQ golden run, and each com.microsoft.GatherBlockQuantized node
+is run by onnxruntime over every row of its table (indices 0 .. V-1) and must give the expected table bit for bit.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ class ValidationReport:
     file_bytes: int = 0  # .onnx plus .data
     seconds: float = 0.0
     n_matmulnbits: int = 0  # com.microsoft.MatMulNBits nodes (spec-checked, golden-checked in numpy)
+    n_tables: int = 0  # quantized embedding tables whose every Gather was golden-checked
     ort_load: str = ""  # "ok", "skipped: <why>" or "not asked"
 
 
@@ -166,6 +169,38 @@ def check_matmulnbits_node(node: ir.Node) -> None:
             _fail(f"{name}: packed zero points must be uint8 [{N}, {zb}], got {z.dtype.name}{list(z.shape.numpy())}")
 
 
+def check_gbq_node(node: ir.Node) -> None:
+    """Shapes, types and attributes of a com.microsoft.GatherBlockQuantized node as export/gather.py writes it."""
+    name = f"GatherBlockQuantized {node.name!r}"
+    bits, block = _attr_int(node, "bits", 4), _attr_int(node, "block_size", 128)
+    if bits not in (4, 8):
+        _fail(f"{name}: bits={bits}; onnxruntime takes 4 or 8")
+    if block < 16 or block & (block - 1):
+        _fail(f"{name}: block_size {block} must be a power of two >= 16")
+    if _attr_int(node, "gather_axis", 0) != 0 or _attr_int(node, "quantize_axis", 1) not in (1, -1):
+        _fail(f"{name}: expected gather_axis 0 and quantize_axis 1 (the hidden axis of a [V, D] table)")
+    if len(node.inputs) < 3:
+        _fail(f"{name}: needs inputs data, indices and scales")
+    data = _const(node.inputs[0], node, "data")
+    sc = _const(node.inputs[2], node, "scales")
+    if data.dtype != ir.DataType.UINT8 or len(data.shape) != 2:
+        _fail(f"{name}: data must be a 2-D uint8 table, got {data.dtype.name}{list(data.shape.numpy())}")
+    if sc.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16) or len(sc.shape) != 2:
+        _fail(f"{name}: scales must be 2-D float32 or float16, got {sc.dtype.name}{list(sc.shape.numpy())}")
+    V, packed = (int(d) for d in data.shape.numpy())
+    cols = packed * 8 // bits
+    nb = -(-cols // block)
+    if tuple(sc.shape.numpy()) != (V, nb):
+        _fail(f"{name}: scales must be [{V}, {nb}] for {cols} columns in blocks of {block}, got "
+              f"{list(sc.shape.numpy())}")
+    zv = node.inputs[3] if len(node.inputs) > 3 else None
+    if zv is not None:
+        z = _const(zv, node, "zero_points")
+        want = (V, nb if bits == 8 else -(-nb // 2))
+        if z.dtype != ir.DataType.UINT8 or tuple(z.shape.numpy()) != want:
+            _fail(f"{name}: zero points must be uint8 {list(want)}, got {z.dtype.name}{list(z.shape.numpy())}")
+
+
 def _spec_checks(model: ir.Model) -> list[ir.Node]:
     opset = int(model.opset_imports.get("", 1))
     irv = int(model.ir_version)
@@ -183,6 +218,8 @@ def _spec_checks(model: ir.Model) -> list[ir.Node]:
     for n in model.graph:
         if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN:
             check_matmulnbits_node(n)
+        if n.op_type == "GatherBlockQuantized" and n.domain == MS_DOMAIN:
+            check_gbq_node(n)
     return dqs
 
 
@@ -241,10 +278,76 @@ def _run_golden(proto: onnx.ModelProto) -> tuple[list[np.ndarray], str]:
                   f"onnx.reference: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}")
 
 
+def _table_expected(qt) -> np.ndarray:
+    cpu = QuantizedWeight(qt.qw.codes.detach().cpu(), qt.qw.grid.to("cpu"))
+    return cpu.dequantize().contiguous().numpy()
+
+
+def _golden_gbq(model: ir.Model, node: ir.Node, exp: np.ndarray, table: str) -> None:
+    """Run the file's GatherBlockQuantized node in onnxruntime over indices 0 .. V-1 and compare to the bit."""
+    inits = []
+    ins = []
+    for i, v in enumerate(node.inputs):
+        if i == 1:
+            ins.append("__all_rows")
+            continue
+        if v is None:
+            ins.append("")
+            continue
+        t = v.const_value
+        inits.append(ir.serde.serialize_tensor(ir.Tensor(np.asarray(t.numpy()), dtype=t.dtype, name=v.name)))
+        ins.append(v.name)
+    inits.append(onnx.numpy_helper.from_array(np.arange(exp.shape[0], dtype=np.int64), "__all_rows"))
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    gnode = helper.make_node("GatherBlockQuantized", ins, ["__table"], domain=MS_DOMAIN, name=node.name, **attrs)
+    out_type = int(node.inputs[2].const_value.dtype)
+    graph = helper.make_graph([gnode], "qronos_golden_gather", [],
+                              [helper.make_tensor_value_info("__table", out_type, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", int(model.opset_imports.get("", 21))),
+                                                    helper.make_opsetid(MS_DOMAIN, 1)],
+                              ir_version=int(model.ir_version))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    try:
+        got = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {})[0]
+    except Exception as err:
+        _fail(f"GatherBlockQuantized {node.name!r} for table {table!r} cannot be run by onnxruntime: "
+              f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}")
+    got = np.asarray(got)
+    if got.dtype != exp.dtype or got.shape != exp.shape:
+        _fail(f"GatherBlockQuantized {node.name!r} for table {table!r} gives {got.dtype}{list(got.shape)}, expected "
+              f"{exp.dtype}{list(exp.shape)}")
+    if got.tobytes() != np.ascontiguousarray(exp).tobytes():
+        bad = got.view(f"u{got.itemsize}") != np.ascontiguousarray(exp).view(f"u{exp.itemsize}")
+        diff = float(np.max(np.abs(got.astype(np.float64) - exp.astype(np.float64))))
+        _fail(f"GatherBlockQuantized {node.name!r} for table {table!r} differs from the expected table at "
+              f"{int(bad.sum())} of {bad.size} elements (max |diff| {diff:.3g})")
+
+
 def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: list[Target],
-            report: ValidationReport) -> None:
+            report: ValidationReport, tables=()) -> None:
     nodes = {n.name: n for n in model.graph if n.name}
     checks: list[tuple[ir.Node, np.ndarray, str, str]] = []  # dq, expected, weight, consumer
+    for qt in tables:
+        exp = _table_expected(qt)
+        if not qt.nodes:
+            _fail(f"quantized embedding table {qt.table.name!r} has no Gather in the written file")
+        for name in qt.nodes:
+            node = nodes.get(name)
+            if node is None:
+                _fail(f"Gather node {name!r} (reader of table {qt.table.name!r}) is missing from the written file")
+            if node.op_type == "GatherBlockQuantized" and node.domain == MS_DOMAIN:
+                _golden_gbq(model, node, exp, qt.table.name)
+                report.golden_engines["onnxruntime-gather"] = report.golden_engines.get("onnxruntime-gather", 0) + 1
+                report.n_golden += 1
+                continue
+            dq = node.inputs[0].producer() if node.op_type == "Gather" and node.inputs[0] is not None else None
+            if dq is None or dq.op_type != "DequantizeLinear":
+                _fail(f"table {qt.table.name!r} of node {name!r} is not read through a DequantizeLinear or "
+                      f"GatherBlockQuantized in the written file")
+            checks.append((dq, exp, qt.table.name, name))
+        report.n_tables += 1
     n_nbits = 0
     by_weight: dict[str, list[Target]] = {}
     for t in targets:
@@ -315,7 +418,7 @@ def _golden_nbits(node: ir.Node, exp: np.ndarray, w: str) -> None:
 
 
 def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], targets: list[Target], *,
-                    ort_load: bool | None = None, checker: bool = True) -> ValidationReport:
+                    ort_load: bool | None = None, checker: bool = True, tables=()) -> ValidationReport:
     """Validate the exported file at ``path``; raises ExportError naming the tensor or node on the first failure.
 
     ``ort_load``: True loads the file in onnxruntime (fails for canonical MX, which it cannot run); None (default)
@@ -360,6 +463,6 @@ def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], tar
                               n_golden=0, file_bytes=nbytes, ort_load=ort_state,
                               n_matmulnbits=sum(n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN
                                                 for n in model.graph))
-    _golden(model, quantized, targets, report)
+    _golden(model, quantized, targets, report, tables)
     report.seconds = time.perf_counter() - t0
     return report

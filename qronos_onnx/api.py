@@ -31,7 +31,8 @@ from .formats.table import quantize_table
 from .graph.io import OutputStage, check_output_path, run_inputs
 from .graph.preflight import (check_free_space, check_input_model, describe_ops, estimate_output_bytes,
                               quantized_ops)
-from .graph.embeddings import EmbeddingTable, find_embedding_tables, find_heads, tied_heads, untie_heads
+from .graph.embeddings import (EmbeddingTable, find_embedding_tables, find_heads, tied_heads, untie_heads,
+                               untie_transposed_tables)
 from .graph.model import load_model, read_initializer
 from .precision import (LayerPlan, act_label, apply_target_bits, average_bits, is_mixed, promote, resolve_plan,
                         storage_bits)
@@ -126,6 +127,8 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     # a head tied to the embedding through a Transpose gets its own copy of the table (the float function is the
     # same); it is then a target like any other, quantized on its own grid: the tie is undone in the output only
     untied = untie_heads(model, cfg.exclude) if cfg.embeddings.lm_head == "quantize" else []
+    if cfg.embeddings.enabled and cfg.embeddings.lm_head == "quantize":  # genai-style tie: Gather(Transpose(W))
+        untie_transposed_tables(model)
     rewritten = untranspose_gemm_inputs(model)
     targets = find_targets(model, cfg.exclude)
     heads = find_heads(model, targets, find_embedding_tables(model, cfg.exclude), untied)

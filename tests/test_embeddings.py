@@ -291,3 +291,39 @@ def test_untie_keeps_the_float_function_and_heads_are_found_by_shape_and_positio
     save_model(model, tmp_path / "untied.onnx")
     feed = {"input_ids": np.arange(V, dtype=np.int64)[None]}
     assert _run(path, feed).tobytes() == _run(tmp_path / "untied.onnx", feed).tobytes()
+
+
+def _genai_tied(path) -> None:
+    """The onnxruntime-genai builder's tie: the head's MatMul reads W [D, V] and the embedding gathers rows of
+    Transpose(W)."""
+    m = tm.token_decoder(True, vocab=V, d=D)
+    g = m.graph
+    w = next(i for i in g.initializer if i.name == "embed_tokens")
+    arr = numpy_helper.to_array(w)
+    g.initializer.remove(w)
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr.T), "lm_head.weight"))
+    nodes = [n for n in g.node if n.name != "tie"]
+    for n in nodes:
+        n.input[:] = ["lm_head.weight" if x == "embed_tokens_t" else "embed_t" if x == "embed_tokens" else x
+                      for x in n.input]
+    tr = onnx.helper.make_node("Transpose", ["lm_head.weight"], ["embed_t"], perm=[1, 0], name="embed_transpose")
+    del g.node[:]
+    g.node.extend([tr, *nodes])
+    onnx.save(m, str(path))
+
+
+def test_genai_style_tie_gets_its_own_quantized_table(tmp_path):
+    model, out = tmp_path / "genai_tied.onnx", tmp_path / "q.onnx"
+    _genai_tied(model)
+    before = model.read_bytes()
+    feed = tm.token_inputs(vocab=V)[0]
+    ref = _run(model, feed)
+    res = quantize(model, tm.token_inputs(vocab=V), out, _cfg(8, "quantize"), quiet=True)
+    proto = onnx.load(str(out))
+    node, table = _gbq_table(proto)  # the embedding is a quantized table, no float copy of W is left
+    inits = _inits(proto)
+    assert not any(v.dtype == np.float32 and v.size >= V * D for v in inits.values())
+    assert np.abs(table - numpy_helper.to_array(onnx.load(str(model)).graph.initializer[-1]).T).max() < 0.05
+    assert "lm_head" in [n for r in res.layers for n in r.nodes]
+    assert np.abs(_run(out, feed) - ref).max() < 0.5 * np.abs(ref).max()
+    assert model.read_bytes() == before

@@ -122,6 +122,41 @@ def untie_heads(model: ir.Model, exclude: list[str] | tuple[str, ...] = ()) -> l
     return done
 
 
+def untie_transposed_tables(model: ir.Model) -> list[tuple[str, str]]:
+    """``Gather(Transpose(W, perm=[1, 0]), ids, axis=0)`` with a constant 2-D ``W`` -> ``Gather(W_T, ids)``, ``W_T``
+    its own initializer (the same values). onnxruntime-genai's builder writes a tied LM this way: the head's MatMul
+    reads ``W`` [hidden, vocab] and the embedding gathers rows of its transpose. With its own table the embedding is
+    quantized like any table (``--embeddings``), while ``W`` serves the head alone, so neither keeps a float copy
+    for the other. Returns (Gather node, new table) pairs."""
+    name_nodes(model)
+    graph = model.graph
+    fresh = name_factory(graph)
+    done = []
+    for node in list(graph):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        if _int_attr(node, "axis", 0) not in (0, -2) or node.inputs[0] is None:
+            continue
+        tr = node.inputs[0].producer()
+        if tr is None or tr.op_type != "Transpose" or tr.domain not in ("", "ai.onnx"):
+            continue
+        perm = list(tr.attributes["perm"].as_ints()) if "perm" in tr.attributes else [1, 0]
+        table = tr.inputs[0]
+        if perm != [1, 0] or not _const_table(table):
+            continue
+        arr = np.ascontiguousarray(np.asarray(read_initializer(table)).T)
+        name = fresh(f"{table.name}_embedding")
+        new = ir.Value(name=name, shape=ir.Shape(list(arr.shape)), type=ir.TensorType(table.const_value.dtype),
+                       const_value=ir.Tensor(arr, name=name))
+        graph.register_initializer(new)
+        old = node.inputs[0]
+        node.replace_input_with(0, new)
+        if not old.uses() and not old.is_graph_output():
+            graph.remove(tr, safe=True)
+        done.append((node.name, name))
+    return done
+
+
 def find_heads(model: ir.Model, targets: list[Target], tables: list[EmbeddingTable],
                untied: list[UntiedHead]) -> list[str]:
     """The lm_head target(s): a head untied from a table, or a MatMul / Gemm that maps the hidden size of a gathered

@@ -165,8 +165,8 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     dtypes = sorted({np.dtype(t.weight_dtype).name for t in targets})
     options = [p for t in targets for p in (plans[t.name], promote(plans[t.name]) if cfg.precision.target_bits
                                             is not None else None) if p is not None]
-    act_opset = max(required_opset(p.activations, dtypes) for p in options)
-    need = max(act_opset, max(_weight_export_opset(cfg, targets, p.weights) for p in options),
+    act_opset = max((required_opset(p.activations, dtypes) for p in options), default=0)
+    need = max(act_opset, max((_weight_export_opset(cfg, targets, p.weights) for p in options), default=0),
                _table_export_opset(cfg, find_embedding_tables(model, cfg.exclude)))
     if targets and default_opset(model) < need:
         upgrade_opset(model, need)
@@ -197,7 +197,8 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         log.warning("warning: %d MatMul/Gemm/Conv node(s) with a constant weight stay float: %s%s (listed in the "
                     "report under left_float)", len(unexplained), shown, ", ..." if len(unexplained) > 3 else "")
     _check_group_size(cfg, targets)
-    check_free_space(out, estimate_output_bytes(model, targets, max(_weight_bits(p.weights) for p in options)))
+    check_free_space(out, estimate_output_bytes(model, targets, max((_weight_bits(p.weights) for p in options),
+                                                                    default=8)))
     if cfg.transforms.smoothquant is not None:  # one float pass for the channel ranges (spec §4.1: after rotation)
         smooth_inputs(model, targets, samples, cfg.transforms.smoothquant, batch_size=cfg.capture.batch_size,
                       log=transform_log)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -20,7 +21,7 @@ from .calib import load_calibration
 from .capture import CaptureEngine
 from .capture.act_calib import plan_activations, required_opset
 from .checkpoint import open_checkpoint, read_manifest, sigterm_as_interrupt
-from .config import QuantConfig
+from .config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from .errors import ConfigError, ModelError
 from .export import export_model, validate_export
 from .export.qdq import default_opset, ir_version_for_opset, upgrade_opset
@@ -29,6 +30,8 @@ from .graph.io import OutputStage, check_output_path, run_inputs
 from .graph.preflight import (check_free_space, check_input_model, describe_ops, estimate_output_bytes,
                               quantized_ops)
 from .graph.model import load_model
+from .precision import (LayerPlan, act_label, apply_target_bits, average_bits, is_mixed, promote, resolve_plan,
+                        storage_bits)
 from .transforms import TransformLog
 from .transforms.fused import FusedRotationUnsupported, fuse_rotations
 from .transforms.magr import magr_batch
@@ -61,6 +64,10 @@ class LayerReport:
     n_tokens: int = 0  # calibration tokens (or im2col patches) behind H and G
     group_size: int = 0  # weights per scale along the input as written (the input width when per channel)
     transforms: list[str] = field(default_factory=list)  # what the transforms did to this weight or its input
+    weight_format: str = ""  # e.g. "int4 asym per-channel", "mxfp8" (the plan of this weight)
+    act_format: str = ""  # its nodes' activation quantizer, or "float"
+    plan_source: str = "config"  # config | layer-config | target-bits (promoted by the bit budget)
+    bits: float = 0.0  # storage bits per weight, scales and zero points counted (precision/plan.py)
 
 
 @dataclass
@@ -74,6 +81,7 @@ class QuantResult:
     n_samples: int = 0
     transforms: dict = field(default_factory=dict)  # TransformLog.to_dict(): notes, float rotation nodes
     output_bytes: int = 0
+    precision: dict = field(default_factory=dict)  # the bit budget and what it promoted (--target-bits)
 
     def worst_layers(self, n: int = 10) -> list[LayerReport]:
         return sorted(self.layers, key=lambda r: -r.rel_error)[:n]
@@ -122,10 +130,22 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     if rotations or cfg.transforms.rotate == "fused":
         exclude += [f"^{re.escape(name)}$" for name in rotations]  # the rotations stay float
         targets = [t for t in find_targets(model, exclude) if t.name in chosen]
-    act_opset = required_opset(cfg.activations, sorted({np.dtype(t.weight_dtype).name for t in targets}))
+    plans = resolve_plan(targets, cfg)  # --layer-config rules: per-target formats, or float
+    everything = list(targets)  # the bit budget counts float-by-rule targets too
+    floated = {n: p.rule for n, p in plans.items() if p.is_float}
+    if floated:
+        exclude += [f"^{re.escape(name)}$" for name in floated]
+        targets = [t for t in targets if t.name not in floated]
+        chosen -= set(floated)
+        if not targets:
+            raise ConfigError("the layer rules leave every quantizable node float; nothing to quantize")
     # the activation subgraphs run inside the capture's segments; the weights' opset is raised now too, so that a
-    # model the converter cannot take is refused before capture, not after it
-    need = max(act_opset, _weight_export_opset(cfg, targets))
+    # model the converter cannot take is refused before capture, not after it (promotions included)
+    dtypes = sorted({np.dtype(t.weight_dtype).name for t in targets})
+    options = [p for t in targets for p in (plans[t.name], promote(plans[t.name]) if cfg.precision.target_bits
+                                            is not None else None) if p is not None]
+    act_opset = max(required_opset(p.activations, dtypes) for p in options)
+    need = max(act_opset, max(_weight_export_opset(cfg, targets, p.weights) for p in options))
     if targets and default_opset(model) < need:
         upgrade_opset(model, need)
         model.ir_version = max(int(model.ir_version or 0), ir_version_for_opset(need))
@@ -142,7 +162,9 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     if already:
         log.warning("note: model %s already holds %s; those parts are kept as they are, only float weights are "
                     "quantized", model_path, describe_ops(already))
-    skipped = left_alone(model, targets, cfg.exclude, ignore=set(rotations))
+    skipped = left_alone(model, targets, cfg.exclude, ignore=set(rotations) | set(floated))
+    skipped += [{"node": t.name, "op": t.op_type, "weight": t.weight_name,
+                 "reason": f"float by layer rule {floated[t.name]!r}"} for t in everything if t.name in floated]
     unexplained = [s for s in skipped if s["reason"] != "matches --exclude"]
     if unexplained:
         shown = "; ".join(f"{s['node']} ({s['reason']})" for s in unexplained[:3])
@@ -158,8 +180,16 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         transform_log.touch(t.name, f"magr(alpha={cfg.transforms.magr})")
     device = resolve_device(cfg.device)
     stats_dtype = torch.float64 if cfg.rounding.stats_dtype == "float64" else torch.float32
+    budget = None
+    if cfg.precision.target_bits is not None:
+        say(f"measuring each target's sensitivity for --target-bits {cfg.precision.target_bits:g} "
+            f"({min(cfg.precision.sensitivity_samples, len(samples))} samples)")
+        budget = apply_target_bits(model, targets, everything, samples, plans, cfg, quiet=quiet)
+        plans = budget.plans
+        say(f"promoted {len(budget.promoted)} of {len(targets)} targets: {budget.final_bits:.3f} bits per weight "
+            f"(budget {budget.target_bits:g}, {budget.base_bits:.3f} before)")
     t0 = time.perf_counter()
-    acts = plan_activations(model, targets, samples, cfg.activations, cfg.capture, device=device, seed=cfg.seed)
+    acts = _plan_activations(model, targets, samples, plans, cfg, device)
     t_act_calib = time.perf_counter() - t0
 
     ckpt = open_checkpoint(out, model_path, samples, cfg.to_dict(), resume)
@@ -176,7 +206,7 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         try:
             for wave_targets, stats in engine.waves():
                 t0 = time.perf_counter()
-                new = _round_wave(model, wave_targets, stats, cfg, device, quantized, reports)
+                new = _round_wave(model, wave_targets, stats, cfg, device, quantized, reports, plans)
                 t_round += time.perf_counter() - t0
                 engine.set_weights(new)
                 done += 1
@@ -186,8 +216,14 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
             err.qronos_progress = (ckpt.done if checkpoint else done, total, checkpoint and ckpt.done > 0)
             raise
     t_capture = time.perf_counter() - t_capture0 - t_round - ckpt.seconds
+    by_name = {t.name: t for t in targets}
     for r in reports:
         r.transforms = sorted({x for n in r.nodes for x in transform_log.touched.get(n, [])})
+        plan = plans[r.nodes[0]]
+        r.weight_format, r.act_format, r.plan_source = plan.weight_label(), plan.act_label(), plan.source
+        t = by_name[r.nodes[0]]
+        r.bits = round(storage_bits(t, plan.weights) / math.prod(t.matrix_shape), 4)
+    mixed = is_mixed({n: plans[n] for n in chosen})
 
     t0 = time.perf_counter()
     metadata = {
@@ -202,7 +238,13 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         "quant.act_format": "none",
         "quant.rotation": cfg.transforms.rotate,
         **(acts.metadata() if acts else {}),
+        "quant.weight_bits_average": f"{average_bits(everything, plans):.4f}",
     }
+    if mixed:  # what `qronos-onnx inspect OUT` shows per node
+        metadata["quant.layer_formats"] = json.dumps(
+            {t.name: [plans[t.name].weight_label(), plans[t.name].act_label()] for t in targets})
+    if budget is not None:
+        metadata["quant.target_bits"] = f"{budget.target_bits:g}"
     say(f"exporting {len(quantized)} quantized weights ({cfg.export.dialect})")
     export_model(model, quantized, targets, dialect=cfg.export.dialect, metadata=metadata,
                  accuracy_level=cfg.export.accuracy_level)
@@ -221,17 +263,20 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
             report_path=report_path,
             config=cfg,
             layers=reports,
-            timings={**({"act_calibration": t_act_calib} if acts and not cfg.activations.dynamic else {}),
+            timings={**({"sensitivity": budget.seconds} if budget is not None else {}),
+                     **({"act_calibration": t_act_calib} if acts and not cfg.activations.dynamic else {}),
                      "capture": t_capture, "rounding": t_round,
                      **({"checkpoint": ckpt.seconds} if checkpoint else {}), "export": t_export,
                      "total": time.perf_counter() - t_start},
             n_samples=len(samples),
             output_bytes=_file_bytes(staged),
             transforms=transform_log.to_dict(),
+            precision={"weight_bits_average": round(average_bits(everything, plans), 4), "mixed": mixed,
+                       **(budget.to_dict() if budget is not None else {})},
         )
-        stage.write_text(config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        stage.write_text(config_path, _config_yaml(cfg, plans, everything, budget))
         report = _report_dict(result, model_path)
-        report.update(left_float=skipped, gemm_transA_rewritten=rewritten, transforms=transform_log.to_dict(),
+        report.update(precision=result.precision, left_float=skipped, gemm_transA_rewritten=rewritten, transforms=transform_log.to_dict(),
                       input_checker="ok" if preflight.checker_ok else f"rejected: {preflight.checker_message} "
                                                                         "(output validated by onnxruntime)")
         stage.write_text(report_path, json.dumps(report, indent=2))
@@ -283,13 +328,15 @@ def _weight_bits(cfg: QuantConfig) -> float:
     return {"mxfp4": 4, "mxfp8": 8, "mxint8": 8, "fp8": 8}.get(cfg.weights.format, cfg.weights.bits)
 
 
-def _weight_export_opset(cfg: QuantConfig, targets: list[Target]) -> int:
+def _weight_export_opset(cfg: QuantConfig, targets: list[Target], weights: WeightQuantConfig | None = None) -> int:
     """The opset the QDQ export of integer weights will need (WeightEncoding.opset, decided from the config alone):
-    4-bit containers and blocked scales 21, float16 scales 19, else 13. 0 where export decides (MX, MatMulNBits)."""
-    if cfg.weights.format != "int" or cfg.export.dialect != "qdq" or not targets:
+    4-bit containers and blocked scales 21, float16 scales 19, else 13. 0 where export decides (MX, MatMulNBits).
+    ``weights``: the format to decide for (default the run's)."""
+    w = weights or cfg.weights
+    if w.format != "int" or cfg.export.dialect != "qdq" or not targets:
         return 0
-    g = cfg.weights.group_size
-    if cfg.weights.bits <= 4 or any(g and t.op_type != "Conv" and g < t.in_features for t in targets):
+    g = w.group_size
+    if w.bits <= 4 or any(g and t.op_type != "Conv" and g < t.in_features for t in targets):
         return 21
     return 19 if any(np.dtype(t.weight_dtype) == np.float16 for t in targets) else 13
 
@@ -311,6 +358,57 @@ def _check_group_size(cfg: QuantConfig, targets: list[Target]) -> None:
                     "group_size)", g, len(wide), len(widths), wide[0], widths[wide[0]])
 
 
+def _plan_activations(model, targets: list[Target], samples, plans: dict[str, LayerPlan], cfg: QuantConfig,
+                      device: torch.device):
+    """One ActivationPlan over targets that may use different activation formats (calibrated per format)."""
+    groups: dict[ActivationQuantConfig, list[Target]] = {}
+    for t in targets:
+        a = plans[t.name].activations
+        if a.enabled:
+            groups.setdefault(a, []).append(t)
+    merged = None
+    for acfg, ts in groups.items():
+        part = plan_activations(model, ts, samples, acfg, cfg.capture, device=device, seed=cfg.seed)
+        if merged is None:
+            merged = part
+        else:
+            merged.quantizers.update(part.quantizers)
+            merged.opset = max(merged.opset, part.opset)
+    if merged is not None and cfg.activations.enabled:
+        merged.config = cfg.activations  # the run's format names the file's metadata; per node in layer_formats
+    return merged
+
+
+def _config_yaml(cfg: QuantConfig, plans: dict[str, LayerPlan], everything: list[Target], budget) -> str:
+    """The resolved config: per-layer rules by exact node name wherever the plan differs from the run's formats,
+    so that ``--recipe OUT.config.yaml`` redoes the same plan without measuring again."""
+    data = cfg.to_dict()
+    head = ""
+    base = LayerPlan(cfg.weights, cfg.activations)
+    rules = []
+    for t in everything:
+        p = plans.get(t.name)
+        if p is None or (p.weights, p.activations) == (base.weights, base.activations):
+            continue
+        if p.is_float:
+            rules.append({"match": f"^{re.escape(t.name)}$", "float": True})
+            continue
+        rule: dict[str, Any] = {"match": f"^{re.escape(t.name)}$"}
+        if p.weights != cfg.weights:
+            rule["weights"] = dataclasses.asdict(p.weights)
+        if p.activations != cfg.activations:
+            rule["activations"] = dataclasses.asdict(p.activations)
+        rules.append(rule)
+    if rules or budget is not None:
+        data["precision"]["layers"] = rules
+        if budget is not None:
+            head = (f"# per-layer plan resolved from --target-bits {budget.target_bits:g} (measured sensitivity: "
+                    f"{len(budget.promoted)} weights promoted, {budget.final_bits:.3f} bits per weight); with this "
+                    "file as --recipe the same plan is used without measuring again\n")
+            data["precision"]["target_bits"] = None
+    return head + yaml.safe_dump(data, sort_keys=False)
+
+
 # ------------------------------------------------------------------------------------------------ rounding a wave
 
 @dataclass
@@ -323,10 +421,13 @@ class _Unit:
     grid: IntGrid
     stats: Any
     row_splits: list[int]
+    plan: LayerPlan  # weights and activations format: only units with the same plan are solved together
 
 
 def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig, device: torch.device,
-                quantized: dict[str, QuantizedWeight], reports: list[LayerReport]) -> dict[str, np.ndarray]:
+                quantized: dict[str, QuantizedWeight], reports: list[LayerReport],
+                plans: dict[str, LayerPlan] | None = None) -> dict[str, np.ndarray]:
+    plans = plans or {t.name: LayerPlan(cfg.weights, cfg.activations) for t in wave_targets}
     by_weight: dict[str, list[Target]] = {}
     for t in wave_targets:
         by_weight.setdefault(t.weight_name, []).append(t)
@@ -341,8 +442,9 @@ def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig
         t = ts[0]
         W = weight_matrix(model, t)
         scale_dtype = torch.float16 if t.weight_dtype == np.float16 else torch.float32
-        grid = make_grid(W, cfg.weights, scale_dtype, force_per_channel=(t.op_type == "Conv"), name=name)
-        todo.append(_Unit([name], ts, W, grid, stats[name], [W.shape[1]]))
+        plan = plans[t.name]
+        grid = make_grid(W, plan.weights, scale_dtype, force_per_channel=(t.op_type == "Conv"), name=name)
+        todo.append(_Unit([name], ts, W, grid, stats[name], [W.shape[1]], LayerPlan(plan.weights, plan.activations)))
 
     for batch in _batches(_merge_shared_inputs(todo)):
         W = torch.cat([u.W for u in batch])  # [B, rows, cols]
@@ -351,11 +453,12 @@ def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig
         G = torch.cat([u.stats.G for u in batch]).to(device)
         F = torch.cat([u.stats.F for u in batch]).to(device)
         t0 = time.perf_counter()
+        plan = batch[0].plan
         V = W  # MagR (spec §4.5, §2.4): grid and solver start from V = MagR(W) on the float F; W stays the reference
         if cfg.transforms.magr is not None:
-            V, grid = magr_batch(batch, W, F, cfg, device)
+            V, grid = magr_batch(batch, W, F, dataclasses.replace(cfg, weights=plan.weights), device)
         n_tokens = [u.stats.n_tokens for u in batch for _ in range(u.W.shape[0])]
-        res = round_weights(V.to(device), grid.to(device), H, G, cfg.rounding, act_quant=cfg.activations.enabled,
+        res = round_weights(V.to(device), grid.to(device), H, G, cfg.rounding, act_quant=plan.activations.enabled,
                             seed=cfg.seed, n_tokens=n_tokens, device=device, W0=None if V is W else W.to(device))
         seconds = (time.perf_counter() - t0) / len(batch)
         grid_d = grid.to(device)
@@ -421,7 +524,8 @@ def _merge_shared_inputs(units: list[_Unit]) -> list[_Unit]:
         key = id(u.stats)
         m = merged.get(key)
         if m is not None and m.W.shape[0] == 1 and u.W.shape[0] == 1 and m.W.shape[2] == u.W.shape[2] \
-                and m.grid.n_groups == u.grid.n_groups and m.grid.scale_dtype == u.grid.scale_dtype:
+                and m.grid.n_groups == u.grid.n_groups and m.grid.scale_dtype == u.grid.scale_dtype \
+                and m.plan == u.plan:
             m.W = torch.cat([m.W, u.W], dim=1)
             m.grid = _cat_grids([m.grid, u.grid], dim=-2)
             m.names += u.names
@@ -437,7 +541,7 @@ def _batches(units: list[_Unit]) -> list[list[_Unit]]:
     """Units with the same matrix shape and grid are solved in one batched call."""
     groups: dict[tuple, list[_Unit]] = {}
     for u in units:
-        key = (tuple(u.W.shape[1:]), u.grid.n_groups, u.grid.scale_dtype)
+        key = (tuple(u.W.shape[1:]), u.grid.n_groups, u.grid.scale_dtype, u.plan)
         groups.setdefault(key, []).append(u)
     return list(groups.values())
 

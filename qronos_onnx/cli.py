@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "preceding norm or MatMul (else an explicit Mul); for static INT8 activations, e.g. 0.5")
     q.add_argument("--exclude", action="append", default=None, metavar="PATTERN",
                    help="regular expression on node names to leave in float (repeatable)")
+    q.add_argument("--layer-config", metavar="FILE",
+                   help="YAML of per-layer settings: node-name regular expression -> weight format/bits/group size "
+                        "and/or activation format, or float (e.g. '/conv1/: int8', 'head: float'); applied after "
+                        "the recipe or preset, later rules winning, and before --target-bits")
+    q.add_argument("--target-bits", type=float, metavar="B",
+                   help="average bits per weight (scales and zero points counted) the run may spend: the targets "
+                        "whose promotion (int4 -> int8, mxfp4 -> mxfp8, with their activations) lowers the model's "
+                        "output error most per added bit are promoted until B is reached")
     q.add_argument("--samples", type=int, help="use at most this many calibration samples")
     q.add_argument("--seq-len", type=int, help="window length in tokens for text calibration data")
     q.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json for text calibration data")
@@ -180,7 +188,33 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
     cfg = base.override({k: v for k, v in updates.items() if v is not None})
     if args.exclude:
         cfg = cfg.override({"exclude": list(cfg.exclude) + args.exclude})
+    if getattr(args, "layer_config", None):
+        cfg = cfg.override({"precision.layers": list(cfg.precision.layers) + load_layer_config(args.layer_config)})
+    if getattr(args, "target_bits", None) is not None:
+        cfg = cfg.override({"precision.target_bits": args.target_bits})
     return cfg
+
+
+def load_layer_config(path: str) -> list[dict]:
+    """--layer-config FILE: a mapping (pattern -> settings) or a list of rules, optionally under 'layers'."""
+    import yaml
+
+    from .config import normalize_layer_rules, yaml_error_line
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--layer-config {path!r} " + ("is not a file" if p.exists() else "does not exist"))
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--layer-config {yaml_error_line(err, p)}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--layer-config {path!r} cannot be read: {err}") from None
+    if isinstance(data, dict) and set(data) == {"layers"}:
+        data = data["layers"]
+    if not data:
+        raise ConfigError(f"--layer-config {path!r} holds no rules")
+    return normalize_layer_rules(data, f"--layer-config {p.name}")
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -216,6 +250,17 @@ def format_summary(result, top: int = 10) -> str:
             + f" ({r.weight})"
         lines.append(f"{label[-48:]:<48} {shape:>12} {r.rel_error:9.4f} {r.rtn_rel_error:9.4f}  {r.status}"
                      + (f" ({r.retries} retries)" if r.retries else ""))
+    prec = getattr(result, "precision", None) or {}
+    if prec.get("mixed") or prec.get("target_bits") is not None:
+        kinds: dict[tuple[str, str], int] = {}
+        for r in result.layers:
+            kinds[(r.weight_format, r.act_format)] = kinds.get((r.weight_format, r.act_format), 0) + 1
+        line = (f"mixed precision: {prec.get('weight_bits_average', 0):.3f} bits per weight"
+                + (f" (budget {prec['target_bits']:g}, {len(prec.get('promoted', []))} promoted by measured "
+                   f"sensitivity in {prec.get('seconds', 0):.1f}s)" if prec.get("target_bits") is not None else "")
+                + "; " + ", ".join(f"{n} x {w}" + (f" / act {a}" if a not in ("float", "") else "")
+                                   for (w, a), n in sorted(kinds.items(), key=lambda kv: -kv[1])))
+        lines.append(line)
     touched = [r for r in result.layers if r.transforms]
     if touched:
         kinds: dict[str, int] = {}
@@ -254,6 +299,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"  {spec.name}: {spec.describe()}")
     for line in prefill_lines(model):
         print(line)
+    _print_quantized(model)
     print(f"quantizable nodes: {len(targets)}")
     print(f"  {'node':<48} {'op':<7} {'weight shape':<16} layout")
     for t in targets:
@@ -267,6 +313,29 @@ def _inspect(args: argparse.Namespace) -> int:
         shared = f" shared with {', '.join(t.shared_with)}" if t.shared_with else ""
         print(f"  {t.name[-48:]:<48} {t.op_type:<7} {str(list(t.weight_shape)):<16} {layout}{shared}")
     return 0
+
+
+def _print_quantized(model) -> None:
+    """What a qronos-onnx output says about itself: its formats, per node when the plan is mixed."""
+    props = dict(model.metadata_props)
+    if "quant.tool" not in props:
+        return
+    act = props.get("quant.act_format", "none")
+    print(f"quantized by {props['quant.tool']}: {props.get('quant.algorithm', '?')}, weights "
+          f"{props.get('quant.format', '?')} {props.get('quant.bits', '?')}-bit, activations {act}, "
+          f"{props.get('quant.weight_bits_average', '?')} bits per weight on average"
+          + (f" (--target-bits {props['quant.target_bits']})" if "quant.target_bits" in props else ""))
+    formats = props.get("quant.layer_formats")
+    if formats:
+        try:
+            table = json.loads(formats)
+        except json.JSONDecodeError:
+            print("  (quant.layer_formats is not valid JSON)")
+            return
+        print(f"per-node formats ({len(table)} quantized nodes):")
+        print(f"  {'node':<48} {'weights':<24} activations")
+        for node, (w, a) in table.items():
+            print(f"  {node[-48:]:<48} {w:<24} {a}")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -381,7 +450,7 @@ def load_report(path: str | Path):
     out = Path(str(data["output"]))
     timings = data.get("timings_seconds") or {}
     return QuantResult(output_path=out, config_path=out.with_name(out.name + ".config.yaml"), report_path=p,
-                       config=config, layers=layers,
+                       config=config, layers=layers, precision=data.get("precision") or {},
                        timings={k: float(v) for k, v in timings.items() if isinstance(v, (int, float))},
                        n_samples=int(data.get("calibration_samples") or 0),
                        output_bytes=int(data.get("output_bytes") or 0))

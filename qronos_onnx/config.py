@@ -43,7 +43,7 @@ ACT_FORMAT_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)  # hashable: per-target plans group targets by format
 class WeightQuantConfig:
     """How weights are gridded. Groups run along the input dimension; 0 means one scale per output channel."""
 
@@ -88,7 +88,7 @@ class WeightQuantConfig:
         return cls(format=fmt, **{**FORMAT_SETTINGS.get(fmt, {}), **kw})
 
 
-@dataclass
+@dataclass(frozen=True)  # hashable: per-target plans group targets by format
 class ActivationQuantConfig:
     """Activation quantizers on the inputs of quantized targets (export/activations.py builds them).
 
@@ -244,6 +244,137 @@ class TransformConfig:
                                   else "a number in [0, 1] (e.g. 0.5)") + f" or null (off), got {v!r}")
 
 
+LAYER_RULE_KEYS = ("match", "float", "weights", "activations")
+_WEIGHT_SHORTHAND = ("format", "bits", "group_size", "symmetric", "scale_method")
+
+
+@dataclass
+class PrecisionConfig:
+    """Mixed precision (precision/plan.py). ``layers``: per-layer rules, each a node-name regular expression
+    (``match``, searched in the node name) with weight and/or activation settings, or ``float: true``; every
+    matching rule applies in file order, a later one overriding what an earlier one set. ``target_bits``: the
+    average bits per target weight (scales and zero points counted) the run may spend; the targets whose promotion
+    to the next precision of their family lowers the model's output error most per added bit are promoted
+    (precision/sensitivity.py), measured on ``sensitivity_samples`` calibration samples."""
+
+    target_bits: float | None = None
+    layers: list = field(default_factory=list)
+    sensitivity_samples: int = 4
+
+    def validate(self) -> None:
+        t = self.target_bits
+        if t is not None and (not _is_number(t) or not 1.0 <= float(t) <= 32.0):
+            raise ConfigError(f"precision.target_bits must be a number of bits per weight from 1 to 32, e.g. 4.5; "
+                              f"got {t!r}")
+        s = self.sensitivity_samples
+        if not isinstance(s, int) or isinstance(s, bool) or s < 1:
+            raise ConfigError(f"precision.sensitivity_samples must be a positive integer, got {s!r}")
+        self.layers = normalize_layer_rules(self.layers, "precision.layers")
+
+
+def normalize_layer_rules(data: Any, source: str) -> list[dict[str, Any]]:
+    """Layer rules in their one stored form: ``[{match, float, weights: {...}, activations: {...}}]``.
+
+    Accepted input: a list of rules, or a mapping ``{regex: spec}``; a spec is ``float``, a weight format
+    shorthand (``int8``, ``int4``, ``mxfp8``, ...), or a mapping with ``weights`` / ``activations`` sections (an
+    activation section may be ``none`` / ``float`` or a format shorthand such as ``int8`` or ``mxfp8``) and the
+    weight keys format, bits, group_size, symmetric, scale_method directly."""
+    if data is None:
+        return []
+    if isinstance(data, dict):
+        data = [{"match": k, **(_spec(v, f"{source}: {k!r}"))} for k, v in data.items()]
+    if not isinstance(data, list):
+        raise ConfigError(f"{source} must be a list of rules or a mapping of node-name patterns to settings, got "
+                          f"{type(data).__name__}")
+    rules = []
+    for i, item in enumerate(data):
+        where = f"{source}[{i}]"
+        if not isinstance(item, dict) or "match" not in item:
+            raise ConfigError(f"{where} must be a mapping with a 'match' pattern, got {item!r}")
+        pattern = item["match"]
+        where = f"{source}: rule {pattern!r}"
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"{where}: 'match' must be a non-empty regular expression")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"{where} is not a valid regular expression: {err}") from None
+        rest = {k: v for k, v in item.items() if k != "match"}
+        if set(rest) - set(LAYER_RULE_KEYS):  # shorthand specs inside a list rule
+            rest = _spec(rest, where)
+        unknown = set(rest) - set(LAYER_RULE_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; expected "
+                              f"{', '.join(LAYER_RULE_KEYS[1:])} or the weight keys {', '.join(_WEIGHT_SHORTHAND)}")
+        is_float = rest.get("float", False)
+        if not isinstance(is_float, bool):
+            raise ConfigError(f"{where}: 'float' must be true or false, got {is_float!r}")
+        weights = _section(rest.get("weights"), WeightQuantConfig, f"{where}: weights", _weight_word)
+        acts = _section(rest.get("activations"), ActivationQuantConfig, f"{where}: activations", _act_word)
+        if not is_float and not weights and not acts:
+            raise ConfigError(f"{where} sets nothing; give weights and/or activations settings, or float")
+        rules.append({"match": pattern, "float": is_float, "weights": weights, "activations": acts})
+    return rules
+
+
+def _spec(value: Any, where: str) -> dict[str, Any]:
+    if isinstance(value, str) and value.strip().lower() == "float":
+        return {"float": True}
+    if isinstance(value, str):
+        return {"weights": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected float, a weight format such as int8, or a mapping of settings; "
+                          f"got {value!r}")
+    out = {k: v for k, v in value.items() if k not in _WEIGHT_SHORTHAND}
+    short = {k: v for k, v in value.items() if k in _WEIGHT_SHORTHAND}
+    if short:
+        if isinstance(out.get("weights"), dict):
+            out["weights"] = {**short, **out["weights"]}
+        elif "weights" in out:
+            raise ConfigError(f"{where}: give the weight settings either under 'weights' or directly, not both")
+        else:
+            out["weights"] = short
+    return out
+
+
+def _weight_word(word: str) -> dict[str, Any] | None:
+    m = re.fullmatch(r"(?:int|w)([2-8])", word)
+    if m:
+        return {"format": "int", "bits": int(m.group(1))}
+    return {"format": word, **FORMAT_SETTINGS[word]} if word in FORMAT_SETTINGS else None
+
+
+def _act_word(word: str) -> dict[str, Any] | None:
+    if word in ("none", "float"):
+        return {"format": "none"}
+    m = re.fullmatch(r"(?:int|a)([48])", word)
+    if m:
+        return {"format": "int", "bits": int(m.group(1))}
+    return {"format": word, **ACT_FORMAT_SETTINGS[word]} if word in ACT_FORMAT_SETTINGS else None
+
+
+def _section(value: Any, cls: type, where: str, word) -> dict[str, Any]:
+    """A rule's weights / activations overrides, keys checked against ``cls`` (values are checked once the rule is
+    applied on top of the run's settings, precision/plan.py)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        parsed = word(value.strip().lower())
+        if parsed is None:
+            raise ConfigError(f"{where}: unknown format {value!r}; e.g. int8, int4, mxfp8"
+                              + (", none" if cls is ActivationQuantConfig else ""))
+        return parsed
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping or a format name, got {value!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; expected one of {', '.join(sorted(names))}")
+    fmt = value.get("format")
+    fixed = (FORMAT_SETTINGS if cls is WeightQuantConfig else ACT_FORMAT_SETTINGS).get(fmt, {})
+    return {**fixed, **value}
+
+
 @dataclass
 class QuantConfig:
     weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
@@ -252,12 +383,14 @@ class QuantConfig:
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     transforms: TransformConfig = field(default_factory=TransformConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     exclude: list[str] = field(default_factory=list)  # regular expressions matched against node names
     device: str = "auto"
     seed: int = 0
 
     def validate(self) -> "QuantConfig":
-        for section in (self.weights, self.activations, self.rounding, self.capture, self.export, self.transforms):
+        for section in (self.weights, self.activations, self.rounding, self.capture, self.export, self.transforms,
+                        self.precision):
             section.validate()
         _choice("device", self.device, DEVICES)
         if not isinstance(self.seed, int):
@@ -328,6 +461,7 @@ _SECTIONS = {
     "capture": CaptureConfig,
     "export": ExportConfig,
     "transforms": TransformConfig,
+    "precision": PrecisionConfig,
 }
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30,

@@ -1,0 +1,280 @@
+"""--target-bits: measure what each target's quantization costs the model's output, and promote greedily.
+
+Why this measure. A target's sensitivity is the relative error it alone causes at the model's outputs,
+``sum ||y_t - y||^2 / sum ||y||^2`` over a few calibration samples, where ``y`` is the float model and ``y_t`` the
+float model with only target ``t`` quantized (round-to-nearest weights on its grid, and its activation quantizer
+when the format has one). Unlike the per-layer error the solver reports (``||XW - X~Q|| / ||XW||``, local to
+the layer), it includes how much the rest of the network amplifies or absorbs that layer's error, and it sees
+activation quantization, which the weight statistics do not: on a CNN whose depthwise layers break under 4-bit
+activations the local weight error can be small while the output error is large. The benefit of promoting ``t``
+is the drop of that error from its format to the next precision; targets are taken greedily by benefit per added
+bit until the budget is spent (lazily: the promoted level is only measured for targets that can still win, since
+the benefit never exceeds the error at the base format).
+
+Cost: one onnxruntime session of the whole float model with every target weight fed as an input (built once),
+then ``sensitivity_samples`` forward passes per target and level. Activation quantizers are all in that session,
+each switched on by a scalar input, so one session serves every target.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from tqdm import tqdm
+
+from ..capture.act_calib import plan_activations
+from ..capture.runner import SegmentRunner
+from ..config import QuantConfig
+from ..errors import ConfigError
+from ..export.activations import ActQuantizer, build_quantizer
+from ..formats import make_grid
+from ..graph.model import read_initializer
+from ..graph.schedule import Segment
+from ..graph.targets import Target, weight_matrix
+from .plan import LayerPlan, average_bits, promote, storage_bits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    """One weight (with every node that reads it) that may be promoted."""
+
+    weight: str
+    targets: list[Target]
+    extra_bits: float  # storage added by the promotion
+    base_error: float = float("nan")
+    promoted_error: float | None = None  # measured lazily
+
+    @property
+    def nodes(self) -> list[str]:
+        return [t.name for t in self.targets]
+
+
+@dataclass
+class BudgetResult:
+    plans: dict[str, LayerPlan]
+    target_bits: float
+    base_bits: float
+    final_bits: float
+    promoted: list[str] = field(default_factory=list)  # weight names, in the order they were chosen
+    candidates: list[Candidate] = field(default_factory=list)
+    runs: int = 0  # forward passes of the whole model
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "target_bits": self.target_bits, "base_bits": round(self.base_bits, 4),
+            "final_bits": round(self.final_bits, 4), "promoted": self.promoted, "forward_passes": self.runs,
+            "seconds": round(self.seconds, 2),
+            "measure": "relative output error of the model with only that target quantized (RTN weights + its "
+                       "activation quantizer), base format vs promoted",
+            "sensitivity": [{"weight": c.weight, "nodes": c.nodes, "extra_bits": c.extra_bits,
+                             "base_error": c.base_error, "promoted_error": c.promoted_error}
+                            for c in sorted(self.candidates, key=lambda c: -c.base_error)],
+        }
+
+
+def apply_target_bits(model: ir.Model, targets: list[Target], everything: list[Target],
+                      samples: Sequence[Mapping[str, np.ndarray]], plans: dict[str, LayerPlan], cfg: QuantConfig,
+                      *, quiet: bool = False) -> BudgetResult:
+    """Promote targets until the average storage bits over ``everything`` (all targets, float ones included)
+    reach ``cfg.precision.target_bits``. ``targets`` are the ones being quantized. Returns the new plans."""
+    t_start = time.perf_counter()
+    budget = float(cfg.precision.target_bits)
+    base = average_bits(everything, plans)
+    if base > budget + 1e-9:
+        raise ConfigError(f"--target-bits {budget:g} is below what the chosen formats already cost ({base:.3f} bits "
+                          f"per weight, scales and zero points counted); ask for at least {base:.3f}, or start "
+                          f"from a lower-bit format")
+    params = {}
+    for t in everything:
+        g, r, c = t.matrix_shape
+        params[t.weight_name] = g * r * c
+    total_params = sum(params.values())
+    units: dict[str, list[Target]] = {}
+    for t in targets:
+        units.setdefault(t.weight_name, []).append(t)
+    cands = []
+    for name, ts in units.items():
+        plan = plans[ts[0].name]
+        if any(plans[t.name].source == "layer-config" for t in ts):  # the user's explicit choice stands
+            continue
+        up = promote(plan)
+        if up is None:
+            continue
+        cands.append(Candidate(name, ts, storage_bits(ts[0], up.weights) - storage_bits(ts[0], plan.weights)))
+    if not cands:
+        raise ConfigError(f"--target-bits: no target can be promoted from {plans[targets[0].name].weight_label()} "
+                          "(promotions: int2/int3 -> int4, int4..int7 -> int8, mxfp4 -> mxfp8); choose a lower-bit "
+                          "format or drop --target-bits")
+    room = (budget - base) * total_params
+    result = BudgetResult(dict(plans), budget, base, base, candidates=cands)
+    if room < min(c.extra_bits for c in cands):
+        log.warning("note: --target-bits %g leaves no room for a promotion (the formats cost %.3f bits per weight)",
+                    budget, base)
+        result.seconds = time.perf_counter() - t_start
+        return result
+    with _Probe(model, targets, samples, plans, cfg, quiet=quiet) as probe:
+        bar = tqdm(total=len(cands), desc="sensitivity", unit="target", disable=quiet, leave=False)
+        for c in cands:
+            c.base_error = probe.error(c.targets, plans)
+            bar.update()
+        bar.close()
+        chosen = _greedy(cands, room, lambda c: probe.error(c.targets, {t.name: promote(plans[t.name])
+                                                                          for t in c.targets}))
+        result.runs = probe.runs
+    for c in chosen:
+        for t in c.targets:
+            result.plans[t.name] = promote(plans[t.name])
+        result.promoted.append(c.weight)
+    result.final_bits = average_bits(everything, result.plans)
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _greedy(cands: list[Candidate], room: float, measure) -> list[Candidate]:
+    """Best benefit per added bit first, within ``room`` bits. The error at the base format bounds the benefit, so a
+    candidate's promoted error is measured only when its bound is the best left (lazy greedy: same choice as
+    measuring everything)."""
+    heap = [(-c.base_error / c.extra_bits, 0, i) for i, c in enumerate(cands) if c.base_error > 0]
+    heapq.heapify(heap)
+    chosen = []
+    while heap and room > 0:
+        neg, exact, i = heapq.heappop(heap)
+        c = cands[i]
+        if not exact:
+            c.promoted_error = measure(c)
+            benefit = c.base_error - c.promoted_error
+            if benefit > 0:
+                heapq.heappush(heap, (-benefit / c.extra_bits, 1, i))
+            continue
+        if c.extra_bits <= room:
+            chosen.append(c)
+            room -= c.extra_bits
+    return chosen
+
+
+class _Probe:
+    """The float model in one onnxruntime session with every target weight an input and every activation
+    quantizer behind a switch: ``error(targets, plans)`` = relative output error with only ``targets`` quantized."""
+
+    def __init__(self, model: ir.Model, targets: list[Target], samples, plans: dict[str, LayerPlan],
+                 cfg: QuantConfig, *, quiet: bool):
+        self.model, self.targets, self.cfg = model, targets, cfg
+        graph = model.graph
+        self.float_w = {t.weight_name: read_initializer(graph.initializers[t.weight_name]) for t in targets}
+        feeds_names = [v.name for v in graph.inputs if v.name not in graph.initializers]
+        n = min(cfg.precision.sensitivity_samples, len(samples))
+        self.samples = [{k: np.asarray(s[k]) for k in feeds_names if k in s} for s in list(samples)[:n]]
+        self.quantizers = self._quantizers(plans, samples, quiet)
+        used = {v.name for node in graph for v in node.inputs if v is not None}
+        weights = list(self.float_w)
+        inits = [k for k in graph.initializers if k in used and k not in self.float_w]
+        inputs = [k for k in feeds_names if k in self.samples[0]]
+        self.outputs = [v.name for v in graph.outputs]
+        seg = Segment(index=-1, nodes=[nd.name for nd in graph], inputs=inputs, outputs=self.outputs,
+                      weights=weights, initializers=inits)
+        self.switches: dict[tuple[str, ActQuantizer], str] = {}
+        hook = self._hook if self.quantizers else None
+        self.runner = SegmentRunner(model, seg, self.samples[0], graph_hook=hook, threads=cfg.capture.threads)
+        self.zero = {name: np.zeros((), np.float32 if dt == "float32" else np.float16)
+                     for (_, q), name in self.switches.items() for dt in [q.dtype]}
+        self.reference = [self._run(s, {}, {}) for s in self.samples]
+        self.norm = sum(float(np.sum(np.square(y, dtype=np.float64))) for ys in self.reference for y in ys)
+        self.runs = len(self.samples)
+        self._weight_cache: dict[tuple[str, object], np.ndarray] = {}
+
+    def __enter__(self) -> "_Probe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.runner = None  # type: ignore[assignment]
+
+    def _quantizers(self, plans, samples, quiet) -> dict[str, set[ActQuantizer]]:
+        """node -> the activation quantizers it may need (its format and its promoted one), calibrated as the run
+        will calibrate them."""
+        by_cfg: dict[object, list[Target]] = {}
+        for t in self.targets:
+            for p in (plans[t.name], promote(plans[t.name])):
+                if p is not None and p.activations.enabled:
+                    by_cfg.setdefault(p.activations, []).append(t)
+        out: dict[str, set[ActQuantizer]] = {}
+        for acfg, ts in by_cfg.items():
+            plan = plan_activations(self.model, ts, samples, acfg, self.cfg.capture, seed=self.cfg.seed)
+            for name, q in plan.quantizers.items():
+                out.setdefault(name, set()).add(q)
+        return out
+
+    def _hook(self, graph: ir.Graph, segment: Segment) -> None:
+        """x -> x + sum_q s_q * (q(x) - x) in front of each target: exactly x while every switch s_q is 0."""
+        from ..graph.model import graph_names
+
+        taken = graph_names(graph)
+        for node in list(graph):
+            qs = self.quantizers.get(node.name)
+            if not qs:
+                continue
+            x = node.inputs[0]
+            acc = x
+            new_nodes: list[ir.Node] = []
+            for q in sorted(qs, key=lambda q: q.describe()):
+                nodes, y = build_quantizer(graph, x, q, taken, prefix=f"{node.name}_probe{len(self.switches)}")
+                name = f"{node.name}__switch{len(self.switches)}"
+                taken.add(name)
+                switch = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(np.dtype(q.dtype))),
+                                  shape=ir.Shape([]))
+                graph.inputs.append(switch)
+                self.switches[(node.name, q)] = name
+                diff = ir.Node("", "Sub", [y, x], num_outputs=1, name=f"{name}_sub")
+                scaled = ir.Node("", "Mul", [diff.outputs[0], switch], num_outputs=1, name=f"{name}_mul")
+                added = ir.Node("", "Add", [acc, scaled.outputs[0]], num_outputs=1, name=f"{name}_add")
+                for nd, tag in ((diff, "d"), (scaled, "s"), (added, "a")):
+                    nd.outputs[0].name = f"{name}_{tag}"
+                new_nodes += [*nodes, diff, scaled, added]
+                acc = added.outputs[0]
+            graph.insert_before(node, new_nodes)
+            node.replace_input_with(0, acc)
+
+    def _run(self, sample, weights: Mapping[str, np.ndarray], on: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        feeds = {**sample, **self.float_w, **weights, **self.zero, **on}
+        outs = self.runner.session.run(self.outputs, feeds)
+        return [o for o in outs if np.issubdtype(o.dtype, np.floating)]
+
+    def _quantized_weight(self, t: Target, plan: LayerPlan) -> np.ndarray:
+        key = (t.weight_name, plan.weights)
+        if key not in self._weight_cache:
+            W = weight_matrix(self.model, t)
+            scale_dtype = torch.float16 if np.dtype(t.weight_dtype) == np.float16 else torch.float32
+            grid = make_grid(W, plan.weights, scale_dtype, force_per_channel=(t.op_type == "Conv"), name=t.weight_name)
+            Q = grid.round(W.float())
+            self._weight_cache[key] = t.from_matrix(Q).contiguous().numpy().astype(t.weight_dtype, copy=False)
+        return self._weight_cache[key]
+
+    def error(self, targets: list[Target], plans: Mapping[str, LayerPlan]) -> float:
+        weights = {t.weight_name: self._quantized_weight(t, plans[t.name]) for t in targets}
+        on = {}
+        for t in targets:
+            acts = plans[t.name].activations
+            if not acts.enabled:
+                continue
+            for (node, q), name in self.switches.items():
+                if node == t.name and _same(q, acts):
+                    on[name] = np.ones((), dtype=np.dtype(q.dtype))
+        num = 0.0
+        for sample, ref in zip(self.samples, self.reference):
+            ys = self._run(sample, weights, on)
+            num += sum(float(np.sum(np.square(y.astype(np.float64) - r))) for y, r in zip(ys, ref))
+        self.runs += len(self.samples)
+        return num / max(self.norm, 1e-30)
+
+
+def _same(q: ActQuantizer, acts) -> bool:
+    return q.format == acts.format and q.bits == acts.bits and q.granularity == acts.granularity \
+        and q.dynamic == acts.dynamic and q.symmetric == acts.symmetric

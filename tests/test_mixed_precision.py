@@ -1,0 +1,324 @@
+"""Mixed precision: --layer-config rules and --target-bits promotions from measured sensitivity (precision/)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from qronos_onnx.api import quantize
+from qronos_onnx.config import QuantConfig, load_recipe, normalize_layer_rules
+from qronos_onnx.errors import ConfigError
+from qronos_onnx.graph.model import load_model
+from qronos_onnx.graph.targets import find_targets
+from qronos_onnx.precision import promote, resolve_plan, storage_bits
+from qronos_onnx.precision.plan import average_bits
+
+from . import tiny_models as tm
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "qronos_onnx"]
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd or REPO)
+
+
+# ------------------------------------------------------------------------------------------------ tiny models
+
+def fragile_mlp(d: int = 32, layers: int = 4, fragile: int = 2, seed: int = 0) -> onnx.ModelProto:
+    """A chain of MatMul+ReLU. Input channel 0 of layer ``fragile`` is always 0 (its producer column has a large
+    negative bias before the ReLU), and that layer's weights on channel 0 are 200x larger: the float function does
+    not see them, but a per-channel grid spans them, and every other weight of that layer rounds to 0 at 4 bits."""
+    rng = np.random.default_rng(seed)
+    f = np.float32
+    nodes, inits, h = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((d, d)) / np.sqrt(d)).astype(f)
+        if i == fragile:
+            w[0, :] = 200.0 * np.abs(w[0, :]) + 20.0
+        b = (0.1 * rng.standard_normal(d)).astype(f)
+        if i == fragile - 1:
+            b[0] = -1e3  # channel 0 of this layer's output is dead after the ReLU
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes += [helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"], name=f"fc{i}"),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"], name=f"bias{i}")]
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [f"h{i}"], name=f"relu{i}"))
+            h = f"h{i}"
+    graph = helper.make_graph(nodes, "fragile_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
+                              [helper.make_tensor_value_info(f"a{layers - 1}", TensorProto.FLOAT, ["n", d])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def fragile_cnn(seed: int = 0) -> onnx.ModelProto:
+    """conv -> relu -> depthwise conv -> relu -> conv -> relu -> Gemm; the depthwise conv is fragile: one channel
+    of its input is always 0 and that channel's 3x3 kernel is huge. Conv grids are per output channel, so that
+    alone does not hurt it; what does is a per-tensor INT activation quantizer in front of it, whose range the
+    other channels' outliers set (channel 1 of the first conv is scaled 100x)."""
+    rng = np.random.default_rng(seed)
+    f = np.float32
+    c1 = (rng.standard_normal((8, 1, 3, 3)) / 3).astype(f)
+    c1[1] *= 100.0  # an activation outlier channel into the depthwise conv
+    dw = (rng.standard_normal((8, 1, 3, 3)) / 3).astype(f)
+    dw[1] /= 100.0  # ... that the depthwise conv scales back, so the float output is ordinary
+    c3 = (rng.standard_normal((8, 8, 1, 1)) / 3).astype(f)
+    fc = (rng.standard_normal((10, 8 * 8 * 8)) / 20).astype(f)
+    inits = [numpy_helper.from_array(a, n) for a, n in
+             ((c1, "c1_w"), (dw, "dw_w"), (c3, "c3_w"), (fc, "fc_w"), (np.zeros(10, f), "fc_b"))]
+    nodes = [
+        helper.make_node("Conv", ["img", "c1_w"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "dw_w"], ["c2"], group=8, pads=[1, 1, 1, 1], name="conv2_depthwise"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "c3_w"], ["c3"], name="conv3"),
+        helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+        helper.make_node("Flatten", ["r3"], ["flat"], axis=1, name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1, name="fc"),
+    ]
+    graph = helper.make_graph(nodes, "fragile_cnn",
+                              [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _mlp_inputs(n: int = 8, d: int = 32) -> list[dict]:
+    rng = np.random.default_rng(1)
+    return [{"x": rng.standard_normal((16, d)).astype(np.float32)} for _ in range(n)]
+
+
+def _budget_for(model_path: Path, cfg: QuantConfig, promote_names: list[str]) -> float:
+    """The average bits when exactly ``promote_names`` are promoted (plus a hair)."""
+    targets = find_targets(load_model(model_path))
+    plans = resolve_plan(targets, cfg)
+    plans.update({t.name: promote(plans[t.name]) for t in targets if t.name in promote_names})
+    return average_bits(targets, plans) + 1e-4
+
+
+def _file_bits(path: Path) -> tuple[float, dict[str, int]]:
+    """Average bits per target weight counted in the written file: DequantizeLinear codes, scales and zero points
+    that feed a MatMul/Gemm/Conv, and target weights left float; also the code width per consumer node."""
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    width = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8, TensorProto.UINT8: 8}
+    dtype_of = {i.name: i.data_type for i in model.graph.initializer}
+    total_bits, params, seen, code_bits = 0.0, 0, set(), {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        w = node.input[1]
+        dq = producers.get(w)
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            codes = dq.input[0]
+            code_bits[node.name] = width[dtype_of[codes]]
+            if codes in seen:
+                continue
+            seen.add(codes)
+            n = inits[codes].size
+            params += n
+            total_bits += n * width[dtype_of[codes]] + inits[dq.input[1]].size * 32
+            if len(dq.input) > 2 and dq.input[2]:
+                total_bits += inits[dq.input[2]].size * width[dtype_of[dq.input[2]]]
+        elif w in inits and w not in seen:
+            seen.add(w)
+            params += inits[w].size
+            total_bits += inits[w].size * 32
+            code_bits[node.name] = 32
+    return total_bits / params, code_bits
+
+
+# ------------------------------------------------------------------------------------------------ layer rules
+
+def test_layer_rules_forms_and_one_line_errors():
+    rules = normalize_layer_rules({"fc0": "int8", "fc1": {"bits": 8, "activations": "none"}, "fc3": "float"}, "t")
+    assert rules[0] == {"match": "fc0", "float": False, "weights": {"format": "int", "bits": 8}, "activations": {}}
+    assert rules[1]["weights"] == {"bits": 8} and rules[1]["activations"] == {"format": "none"}
+    assert rules[2]["float"] is True
+    listed = normalize_layer_rules([{"match": "fc0", "weights": "mxfp8"}], "t")
+    assert listed[0]["weights"]["format"] == "mxfp8" and listed[0]["weights"]["group_size"] == 32
+    assert normalize_layer_rules(listed, "t") == listed  # the stored form is stable
+    for bad, msg in [({"fc(": "int8"}, "not a valid regular expression"),
+                     ({"fc0": "int9"}, "unknown format 'int9'"),
+                     ({"fc0": {"weights": {"bitz": 8}}}, "unknown key"),
+                     ([{"weights": "int8"}], "'match' pattern"),
+                     ({"fc0": {}}, "sets nothing"),
+                     ({"fc0": 8}, "expected float, a weight format")]:
+        with pytest.raises(ConfigError, match=msg) as err:
+            normalize_layer_rules(bad, "--layer-config x.yaml")
+        assert "\n" not in str(err.value)
+
+
+def test_resolve_plan_order_values_and_errors(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(fragile_mlp(), str(path))
+    targets = find_targets(load_model(path))
+    cfg = load_recipe("w4")
+    plans = resolve_plan(targets, cfg, normalize_layer_rules(
+        [{"match": "fc[01]", "weights": "int8"}, {"match": "fc1", "weights": {"group_size": 16}},
+         {"match": "fc3", "float": True}], "t"))
+    assert plans["fc0"].weight_label() == "int8 asym per-channel"
+    assert plans["fc1"].weight_label() == "int8 asym g16"  # later rules refine earlier ones
+    assert plans["fc2"].weight_label() == "int4 asym per-channel" and plans["fc2"].source == "config"
+    assert plans["fc3"].is_float and plans["fc3"].rule == "fc3"
+    with pytest.raises(ConfigError, match="'nomatch' matches no quantizable node"):
+        resolve_plan(targets, cfg, normalize_layer_rules({"nomatch": "int8"}, "t"))
+    with pytest.raises(ConfigError, match="layer rule 'fc0'.*group_size must be a power of two"):
+        resolve_plan(targets, cfg, normalize_layer_rules({"fc0": {"group_size": 24}}, "t"))
+
+
+def test_layer_config_cli_file_inspect_and_replay(tmp_path):
+    model, calib = tmp_path / "t.onnx", tmp_path / "calib.npz"
+    onnx.save(tm.transformer(), str(model))
+    xs = tm.transformer_inputs(4)
+    np.savez(calib, x=np.concatenate([s["x"] for s in xs]), mask=xs[0]["mask"])
+    (tmp_path / "layers.yaml").write_text(yaml.safe_dump({
+        "b0_[qkv]_proj": "int8",
+        "lm_head": "float",
+        "b2_down_proj": {"weights": {"bits": 8, "group_size": 16}},
+    }))
+    out = tmp_path / "q.onnx"
+    r = _cli("quantize", str(model), "--calib", str(calib), "-o", str(out), "--w4", "--quiet",
+             "--layer-config", str(tmp_path / "layers.yaml"))
+    assert r.returncode == 0, r.stderr
+    _, widths = _file_bits(out)
+    assert widths["b0_q_proj"] == widths["b0_k_proj"] == widths["b0_v_proj"] == 8
+    assert widths["b0_o_proj"] == 4 and widths["b2_down_proj"] == 8 and widths["lm_head"] == 32
+    report = json.loads(Path(str(out) + ".report.json").read_text())
+    assert {x["node"]: x["reason"] for x in report["left_float"]}["lm_head"] == "float by layer rule 'lm_head'"
+    by_node = {x["nodes"][0]: x for x in report["layers"]}
+    assert by_node["b2_down_proj"]["weight_format"] == "int8 asym g16"
+    assert by_node["b0_q_proj"]["plan_source"] == "layer-config" and by_node["b1_q_proj"]["plan_source"] == "config"
+    shown = _cli("inspect", str(out))
+    assert shown.returncode == 0, shown.stderr
+    line = next(x for x in shown.stdout.splitlines() if x.strip().startswith("b2_down_proj"))
+    assert "int8 asym g16" in line and "float" in line
+    # the resolved plan in OUT.config.yaml reproduces the same file
+    again = tmp_path / "again.onnx"
+    r = _cli("quantize", str(model), "--calib", str(calib), "-o", str(again), "--recipe",
+             str(out) + ".config.yaml", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_layer_config_bad_inputs_one_line(tmp_path):
+    model, calib = tmp_path / "t.onnx", tmp_path / "calib.npz"
+    onnx.save(fragile_mlp(), str(model))
+    np.savez(calib, x=_mlp_inputs(1)[0]["x"])
+    cases = [("missing.yaml", None, "does not exist"),
+             ("bad.yaml", "fc0: [int8\n", "not valid YAML"),
+             ("nomatch.yaml", "typo_.*: int8\n", "matches no quantizable node"),
+             ("badfmt.yaml", "fc0: int12\n", "unknown format"),
+             ("empty.yaml", "", "holds no rules")]
+    for name, text, msg in cases:
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        r = _cli("quantize", str(model), "--calib", str(calib), "-o", str(tmp_path / "o.onnx"), "--w4", "--quiet",
+                 "--layer-config", str(tmp_path / name))
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
+        assert not (tmp_path / "o.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------------------ --target-bits
+
+@pytest.mark.parametrize("recipe", ["w4", "w4a8"])
+def test_target_bits_promotes_the_fragile_layer_first(tmp_path, recipe):
+    path = tmp_path / "m.onnx"
+    onnx.save(fragile_mlp(), str(path))
+    cfg = load_recipe(recipe)
+    budget = _budget_for(path, cfg, ["fc2"])  # room for exactly one promotion
+    res = quantize(path, _mlp_inputs(), tmp_path / "q.onnx", cfg.override({"precision.target_bits": budget}),
+                   quiet=True)
+    assert res.precision["promoted"] == ["w2"]
+    sens = {s["weight"]: s for s in res.precision["sensitivity"]}
+    assert max(sens, key=lambda w: sens[w]["base_error"]) == "w2"
+    layer = {r.weight: r for r in res.layers}["w2"]
+    assert layer.plan_source == "target-bits" and layer.weight_format.startswith("int8")
+    if recipe == "w4a8":  # A8 already: the promotion keeps it
+        assert layer.act_format.startswith("int8")
+    avg, widths = _file_bits(res.output_path)
+    assert widths["fc2"] == 8 and widths["fc0"] == widths["fc1"] == widths["fc3"] == 4
+    assert avg <= budget + 1e-9
+    assert math.isclose(avg, res.precision["weight_bits_average"], rel_tol=1e-3)
+
+
+def test_target_bits_budget_never_exceeded(tmp_path):
+    path = tmp_path / "t.onnx"
+    onnx.save(tm.transformer(), str(path))
+    cfg = load_recipe("w4")
+    base = _budget_for(path, cfg, [])
+    for extra in (0.3, 1.0, 2.5):
+        out = tmp_path / f"q{extra}.onnx"
+        res = quantize(path, tm.transformer_inputs(4), out,
+                       cfg.override({"precision.target_bits": base + extra, "rounding.algorithm": "rtn"}), quiet=True)
+        avg, widths = _file_bits(out)
+        assert avg <= base + extra + 1e-9
+        assert sum(w == 8 for w in widths.values()) == len({s for s in res.precision["promoted"]})
+        assert res.precision["promoted"]  # each budget buys at least one promotion on this model
+
+
+def test_target_bits_w4a4_promotes_activations_with_the_weight(tmp_path):
+    path = tmp_path / "c.onnx"
+    onnx.save(fragile_cnn(), str(path))
+    cfg = load_recipe("w4a8").override({"activations.bits": 4, "activations.dynamic": False,
+                                        "activations.granularity": "per_tensor"})
+    samples = [{"img": np.random.default_rng(i).standard_normal((4, 1, 8, 8)).astype(np.float32)} for i in range(6)]
+    budget = _budget_for(path, cfg, ["conv2_depthwise"])
+    res = quantize(path, samples, tmp_path / "q.onnx", cfg.override({"precision.target_bits": budget}), quiet=True)
+    assert res.precision["promoted"] == ["dw_w"]
+    meta = {p.key: p.value for p in onnx.load(str(res.output_path)).metadata_props}
+    formats = json.loads(meta["quant.layer_formats"])
+    assert formats["conv2_depthwise"][1].startswith("int8 per_tensor static")
+    assert formats["conv3"][1].startswith("int4 per_tensor static")
+    ort.InferenceSession(str(res.output_path), providers=["CPUExecutionProvider"]).run(None, samples[0])
+
+
+@pytest.mark.parametrize("dialect", ["qdq", "matmulnbits", "mx"])
+def test_mixed_plans_export_in_every_dialect(tmp_path, dialect):
+    path = tmp_path / "m.onnx"
+    onnx.save(fragile_mlp(d=64), str(path))
+    recipe = "mxfp4" if dialect == "mx" else "w4"
+    cfg = load_recipe(recipe).override({"export.dialect": dialect, "rounding.algorithm": "gptq"})
+    cfg = cfg.override({"precision.layers": normalize_layer_rules({"fc0": "int8" if dialect != "mx" else "mxfp8"},
+                                                                  "t")})
+    samples = [{"x": s["x"][:, :64]} for s in _mlp_inputs(6, d=64)]
+    budget = _budget_for(path, cfg, ["fc2"])
+    res = quantize(path, samples, tmp_path / "q.onnx", cfg.override({"precision.target_bits": budget}), quiet=True)
+    assert res.precision["promoted"] == ["w2"]  # validate_export (golden DQ, ORT load) ran inside quantize
+    formats = {r.weight: r.weight_format for r in res.layers}
+    assert formats["w0"] == formats["w2"] == ("int8 asym per-channel" if dialect != "mx" else "mxfp8")
+    assert formats["w1"] == ("int4 asym per-channel" if dialect != "mx" else "mxfp4")
+
+
+def test_target_bits_errors(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(fragile_mlp(), str(path))
+    with pytest.raises(ConfigError, match="below what the chosen formats already cost") as err:
+        quantize(path, _mlp_inputs(2), tmp_path / "a.onnx", load_recipe("w4").override({"precision.target_bits": 4}),
+                 quiet=True)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="no target can be promoted"):
+        quantize(path, _mlp_inputs(2), tmp_path / "b.onnx", load_recipe("w8").override({"precision.target_bits": 16}),
+                 quiet=True)
+    with pytest.raises(ConfigError, match="target_bits must be a number"):
+        load_recipe("w4").override({"precision.target_bits": 0.5})
+    assert not list(tmp_path.glob("[ab].onnx*"))
+
+
+def test_storage_bits_counts_scales_and_zero_points(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(fragile_mlp(d=64), str(path))
+    t = find_targets(load_model(path))[0]
+    w4 = load_recipe("w4").weights
+    assert storage_bits(t, w4) == 64 * 64 * 4 + 64 * (32 + 4)
+    assert storage_bits(t, promote(resolve_plan([t], load_recipe("w4"))[t.name]).weights) == 64 * 64 * 8 + 64 * 40
+    assert storage_bits(t, load_recipe("mxfp4").weights) == 64 * 64 * 4 + 64 * 2 * 8
+    assert storage_bits(t, None) == 64 * 64 * 32

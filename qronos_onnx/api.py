@@ -171,7 +171,7 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         log.warning("warning: %d MatMul/Gemm/Conv node(s) with a constant weight stay float: %s%s (listed in the "
                     "report under left_float)", len(unexplained), shown, ", ..." if len(unexplained) > 3 else "")
     _check_group_size(cfg, targets)
-    check_free_space(out, estimate_output_bytes(model, targets, _weight_bits(cfg)))
+    check_free_space(out, estimate_output_bytes(model, targets, max(_weight_bits(p.weights) for p in options)))
     if cfg.transforms.smoothquant is not None:  # one float pass for the channel ranges (spec §4.1: after rotation)
         smooth_inputs(model, targets, samples, cfg.transforms.smoothquant, batch_size=cfg.capture.batch_size,
                       log=transform_log)
@@ -324,8 +324,8 @@ def _status(quiet: bool):
     return say
 
 
-def _weight_bits(cfg: QuantConfig) -> float:
-    return {"mxfp4": 4, "mxfp8": 8, "mxint8": 8, "fp8": 8}.get(cfg.weights.format, cfg.weights.bits)
+def _weight_bits(weights: WeightQuantConfig) -> float:
+    return {"mxfp4": 4, "mxfp8": 8, "mxint8": 8, "fp8": 8}.get(weights.format, weights.bits)
 
 
 def _weight_export_opset(cfg: QuantConfig, targets: list[Target], weights: WeightQuantConfig | None = None) -> int:

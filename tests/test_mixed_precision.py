@@ -250,6 +250,32 @@ def test_target_bits_promotes_the_fragile_layer_first(tmp_path, recipe):
     assert math.isclose(avg, res.precision["weight_bits_average"], rel_tol=1e-3)
 
 
+def fragile_transformer() -> onnx.ModelProto:
+    """The tiny decoder with block 1's o_proj made fragile: v's channel 0 is 0 (its column of wv is 0), so the
+    attention context's channel 0 is always 0, and o_proj's weights on that channel are 200x larger."""
+    m = tm.transformer()
+    for init in m.graph.initializer:
+        w = numpy_helper.to_array(init).copy()
+        if init.name == "b1_wv":
+            w[:, 0] = 0.0
+        elif init.name == "b1_wo":
+            w[0, :] = 200.0 * np.abs(w[0, :]) + 20.0
+        else:
+            continue
+        init.CopyFrom(numpy_helper.from_array(w, init.name))
+    return m
+
+
+def test_target_bits_promotes_the_fragile_transformer_layer_first(tmp_path):
+    path = tmp_path / "t.onnx"
+    onnx.save(fragile_transformer(), str(path))
+    samples = tm.transformer_inputs(4)
+    cfg = load_recipe("w4").override({"rounding.algorithm": "rtn"})
+    res = quantize(path, samples, tmp_path / "q.onnx",
+                   cfg.override({"precision.target_bits": _budget_for(path, cfg, ["b1_o_proj"])}), quiet=True)
+    assert res.precision["promoted"] == ["b1_wo"]
+
+
 def test_target_bits_budget_never_exceeded(tmp_path):
     path = tmp_path / "t.onnx"
     onnx.save(tm.transformer(), str(path))

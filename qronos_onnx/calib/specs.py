@@ -35,6 +35,15 @@ class InputSpec:
         return f"{dims} {self.dtype}"
 
 
+def _dim(d) -> Dim:
+    """One input dim: a fixed size, a symbolic name, or None. Paddle2ONNX writes -1 for the batch and the name "?"
+    for every unknown dim; onnxruntime takes both as "any size", so here they are unnamed dynamic dims (otherwise two
+    "?" dims would have to be equal)."""
+    if isinstance(d, int):
+        return d if d >= 0 else None
+    return None if d.value in (None, "", "?") else d.value
+
+
 def graph_input_specs(model: ir.Model) -> list[InputSpec]:
     """The inputs a feed must provide: graph inputs that are not initializers (those have a default value)."""
     initializers = set(model.graph.initializers)
@@ -53,7 +62,7 @@ def graph_input_specs(model: ir.Model) -> list[InputSpec]:
                              f"hold; cannot feed it calibration data") from None
         shape = None
         if value.shape is not None:
-            shape = tuple(d if isinstance(d, int) else d.value for d in value.shape)
+            shape = tuple(_dim(d) for d in value.shape)
         specs.append(InputSpec(value.name, dtype, shape, value.dtype.name))
     if not specs:
         raise ModelError("the model has no graph inputs to feed (every input is an initializer)")

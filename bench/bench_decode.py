@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from qronos_onnx.calib.kv_cache import plan_prefill, specs_from_ort  # noqa: E402
+from bench.bench_latency import session  # noqa: E402
 from qronos_onnx.genai import is_genai_folder, kv_dims, resolve_model  # noqa: E402
 
 
@@ -57,14 +58,6 @@ def decode_feed(sess: ort.InferenceSession, model_file: str, past: int, seed: in
         else:
             feed[e.name] = e.build(np.zeros((1, 1), dtype=np.int64))
     return feed
-
-
-def session(path: str, accuracy_level: str | None, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    if accuracy_level is not None:
-        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", accuracy_level)
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
 def main() -> None:

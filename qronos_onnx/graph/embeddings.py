@@ -94,6 +94,21 @@ def tied_heads(model: ir.Model) -> list[tuple[str, str]]:
     return [(n.name, t.name) for n in model.graph if (t := _tied_table(n)) is not None]
 
 
+def _read_own_transpose(graph: ir.Graph, node: ir.Node, index: int, table: ir.Value, name: str) -> str:
+    """Input ``index`` of ``node`` (a ``Transpose(table)``) becomes a new initializer ``name`` holding the transposed
+    values; the Transpose goes when nothing else reads it."""
+    tr = node.inputs[index].producer()
+    arr = np.ascontiguousarray(np.asarray(read_initializer(table)).T)
+    new = ir.Value(name=name, shape=ir.Shape(list(arr.shape)), type=ir.TensorType(table.const_value.dtype),
+                   const_value=ir.Tensor(arr, name=name))
+    graph.register_initializer(new)
+    old = node.inputs[index]
+    node.replace_input_with(index, new)
+    if not old.uses() and not old.is_graph_output():
+        graph.remove(tr, safe=True)
+    return name
+
+
 def untie_heads(model: ir.Model, exclude: list[str] | tuple[str, ...] = ()) -> list[UntiedHead]:
     """``MatMul(x, Transpose(table))`` with a constant 2-D table -> ``MatMul(x, table_T)``, ``table_T`` its own
     initializer (the same values, so the float function is unchanged); the Transpose goes when nothing else reads it.
@@ -108,16 +123,7 @@ def untie_heads(model: ir.Model, exclude: list[str] | tuple[str, ...] = ()) -> l
         table = _tied_table(node)
         if table is None or any(p.search(node.name) for p in patterns):
             continue
-        tr = node.inputs[1].producer()
-        arr = np.ascontiguousarray(np.asarray(read_initializer(table)).T)
-        name = fresh(f"{table.name}_lm_head")
-        new = ir.Value(name=name, shape=ir.Shape(list(arr.shape)), type=ir.TensorType(table.const_value.dtype),
-                       const_value=ir.Tensor(arr, name=name))
-        graph.register_initializer(new)
-        old = node.inputs[1]
-        node.replace_input_with(1, new)
-        if not old.uses() and not old.is_graph_output():
-            graph.remove(tr, safe=True)
+        name = _read_own_transpose(graph, node, 1, table, fresh(f"{table.name}_lm_head"))
         done.append(UntiedHead(node.name, table.name, name))
     return done
 
@@ -144,16 +150,7 @@ def untie_transposed_tables(model: ir.Model) -> list[tuple[str, str]]:
         table = tr.inputs[0]
         if perm != [1, 0] or not _const_table(table):
             continue
-        arr = np.ascontiguousarray(np.asarray(read_initializer(table)).T)
-        name = fresh(f"{table.name}_embedding")
-        new = ir.Value(name=name, shape=ir.Shape(list(arr.shape)), type=ir.TensorType(table.const_value.dtype),
-                       const_value=ir.Tensor(arr, name=name))
-        graph.register_initializer(new)
-        old = node.inputs[0]
-        node.replace_input_with(0, new)
-        if not old.uses() and not old.is_graph_output():
-            graph.remove(tr, safe=True)
-        done.append((node.name, name))
+        done.append((node.name, _read_own_transpose(graph, node, 0, table, fresh(f"{table.name}_embedding"))))
     return done
 
 

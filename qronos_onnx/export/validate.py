@@ -314,15 +314,18 @@ def _golden_gbq(model: ir.Model, node: ir.Node, exp: np.ndarray, table: str) -> 
     except Exception as err:
         _fail(f"GatherBlockQuantized {node.name!r} for table {table!r} cannot be run by onnxruntime: "
               f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}")
+    _check_exact(got, exp, f"GatherBlockQuantized {node.name!r} for table {table!r}", "the expected table")
+
+
+def _check_exact(got, exp: np.ndarray, what: str, reference: str) -> None:
+    """The golden rule: ``got`` (what onnxruntime computed from the file) has ``exp``'s dtype, shape and bits."""
     got = np.asarray(got)
     if got.dtype != exp.dtype or got.shape != exp.shape:
-        _fail(f"GatherBlockQuantized {node.name!r} for table {table!r} gives {got.dtype}{list(got.shape)}, expected "
-              f"{exp.dtype}{list(exp.shape)}")
+        _fail(f"{what} gives {got.dtype}{list(got.shape)}, expected {exp.dtype}{list(exp.shape)}")
     if got.tobytes() != np.ascontiguousarray(exp).tobytes():
         bad = got.view(f"u{got.itemsize}") != np.ascontiguousarray(exp).view(f"u{exp.itemsize}")
         diff = float(np.max(np.abs(got.astype(np.float64) - exp.astype(np.float64))))
-        _fail(f"GatherBlockQuantized {node.name!r} for table {table!r} differs from the expected table at "
-              f"{int(bad.sum())} of {bad.size} elements (max |diff| {diff:.3g})")
+        _fail(f"{what} differs from {reference} at {int(bad.sum())} of {bad.size} elements (max |diff| {diff:.3g})")
 
 
 def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: list[Target],
@@ -390,15 +393,8 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
     for chunk in todo:
         outs, engine = _run_golden(_golden_model([c[0] for c in chunk], opset, irv))
         for (dq, exp, w, consumer), got in zip(chunk, outs):
-            got = np.asarray(got)
-            if got.dtype != exp.dtype or got.shape != exp.shape:
-                _fail(f"DequantizeLinear {dq.name!r} for weight {w!r} (node {consumer!r}) gives "
-                      f"{got.dtype}{list(got.shape)}, expected {exp.dtype}{list(exp.shape)}")
-            if got.tobytes() != np.ascontiguousarray(exp).tobytes():
-                bad = got.view(f"u{got.itemsize}") != np.ascontiguousarray(exp).view(f"u{exp.itemsize}")
-                diff = float(np.max(np.abs(got.astype(np.float64) - exp.astype(np.float64))))
-                _fail(f"DequantizeLinear {dq.name!r} for weight {w!r} (node {consumer!r}) differs from the solver's "
-                      f"values at {int(bad.sum())} of {bad.size} elements (max |diff| {diff:.3g})")
+            _check_exact(got, exp, f"DequantizeLinear {dq.name!r} for weight {w!r} (node {consumer!r})",
+                         "the solver's values")
             report.golden_engines[engine] = report.golden_engines.get(engine, 0) + 1
             report.n_golden += 1
     report.n_golden += n_nbits

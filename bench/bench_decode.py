@@ -87,7 +87,7 @@ def main() -> None:
         print(f"{name}: {x} ({size / 1e6:.1f} MB with its data)")
     fmin, fmed = min(times[0]), statistics.median(times[0])
     qmin, qmed = min(times[1]), statistics.median(times[1])
-    print(f"\n| step | float min ms | float median ms | quant min ms | quant median ms | ratio min | ratio median |")
+    print("\n| step | float min ms | float median ms | quant min ms | quant median ms | ratio min | ratio median |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(f"| decode 1 token, {args.past} past | {fmin:.1f} | {fmed:.1f} | {qmin:.1f} | {qmed:.1f} | "
           f"{qmin / fmin:.2f} | {qmed / fmed:.2f} |")

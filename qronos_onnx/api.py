@@ -34,7 +34,7 @@ from .graph.preflight import (check_free_space, check_input_model, describe_ops,
 from .graph.embeddings import (EmbeddingTable, find_embedding_tables, find_heads, tied_heads, untie_heads,
                                untie_transposed_tables)
 from .graph.model import load_model, read_initializer
-from .precision import (LayerPlan, act_label, apply_target_bits, average_bits, is_mixed, promote, resolve_plan,
+from .precision import (LayerPlan, apply_target_bits, average_bits, is_mixed, promote, resolve_plan,
                         storage_bits)
 from .transforms import TransformLog
 from .transforms.fused import FusedRotationUnsupported, fuse_rotations

@@ -17,7 +17,6 @@ from ..config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from ..errors import ConfigError
 from ..graph.targets import Target
 
-SOURCES = ("config", "layer-config", "target-bits")
 MX_BLOCK = 32
 E8M0_BITS = 8
 _ELEMENT_BITS = {"mxfp4": 4, "mxfp8": 8, "mxint8": 8, "fp8": 8}

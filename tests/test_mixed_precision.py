@@ -336,6 +336,8 @@ def test_target_bits_errors(tmp_path):
                  quiet=True)
     with pytest.raises(ConfigError, match="target_bits must be a number"):
         load_recipe("w4").override({"precision.target_bits": 0.5})
+    with pytest.raises(ConfigError, match="sensitivity_samples must be a positive integer"):
+        load_recipe("w4").override({"precision.sensitivity_samples": 0})
     assert not list(tmp_path.glob("[ab].onnx*"))
 
 

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out_md = REPO / "bench" / "results" / f"mixed_{args.name}.md"
     lines = [f"# Mixed precision on {Path(args.model).name}: {args.recipe} ({args.algo})", "",
+             "Command: `.venv/bin/python bench/mixed_precision.py " + " ".join(argv or sys.argv[1:]) + "`", "",
              f"Calibration {args.calib}, test {args.images}; bits = average storage bits per target weight (scales "
              "and zero points counted); promotions int4 -> int8 with the activation quantizer promoted too.", "",
              "| setting | top-1 | bits/weight | quant. time (s) | of which sensitivity (s) | promoted |",

@@ -248,6 +248,9 @@ LAYER_RULE_KEYS = ("match", "float", "weights", "activations")
 _WEIGHT_SHORTHAND = ("format", "bits", "group_size", "symmetric", "scale_method")
 
 
+SENSITIVITY_METHODS = ("in-context", "isolated")
+
+
 @dataclass
 class PrecisionConfig:
     """Mixed precision (precision/plan.py). ``layers``: per-layer rules, each a node-name regular expression
@@ -255,11 +258,15 @@ class PrecisionConfig:
     matching rule applies in file order, a later one overriding what an earlier one set. ``target_bits``: the
     average bits per target weight (scales and zero points counted) the run may spend; the targets whose promotion
     to the next precision of their family lowers the model's output error most per added bit are promoted
-    (precision/sensitivity.py), measured on ``sensitivity_samples`` calibration samples."""
+    (precision/sensitivity.py), measured on ``sensitivity_samples`` calibration samples, ``in-context`` (each
+    promotion's benefit in the quantized model, re-measured over ``sensitivity_rounds`` rounds) or ``isolated``
+    (each target quantized alone)."""
 
     target_bits: float | None = None
     layers: list = field(default_factory=list)
     sensitivity_samples: int = 4
+    sensitivity: str = "in-context"
+    sensitivity_rounds: int = 2
 
     def validate(self) -> None:
         t = self.target_bits
@@ -269,6 +276,12 @@ class PrecisionConfig:
         s = self.sensitivity_samples
         if not isinstance(s, int) or isinstance(s, bool) or s < 1:
             raise ConfigError(f"precision.sensitivity_samples must be a positive integer, got {s!r}")
+        if self.sensitivity not in SENSITIVITY_METHODS:
+            raise ConfigError(f"precision.sensitivity must be one of {', '.join(SENSITIVITY_METHODS)}, got "
+                              f"{self.sensitivity!r}")
+        r = self.sensitivity_rounds
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ConfigError(f"precision.sensitivity_rounds must be a positive integer, got {r!r}")
         self.layers = normalize_layer_rules(self.layers, "precision.layers")
 
 

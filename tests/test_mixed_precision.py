@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -20,7 +21,7 @@ from qronos_onnx.errors import ConfigError
 from qronos_onnx.graph.model import load_model
 from qronos_onnx.graph.targets import find_targets
 from qronos_onnx.precision import promote, resolve_plan, storage_bits
-from qronos_onnx.precision.plan import average_bits
+from qronos_onnx.precision.plan import LayerPlan, average_bits
 
 from . import tiny_models as tm
 
@@ -229,17 +230,21 @@ def test_layer_config_bad_inputs_one_line(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ --target-bits
 
-@pytest.mark.parametrize("recipe", ["w4", "w4a8"])
-def test_target_bits_promotes_the_fragile_layer_first(tmp_path, recipe):
+@pytest.mark.parametrize("recipe,method", [("w4", "in-context"), ("w4a8", "in-context"), ("w4", "isolated")])
+def test_target_bits_promotes_the_fragile_layer_first(tmp_path, recipe, method):
     path = tmp_path / "m.onnx"
     onnx.save(fragile_mlp(), str(path))
-    cfg = load_recipe(recipe)
+    cfg = load_recipe(recipe).override({"precision.sensitivity": method})
     budget = _budget_for(path, cfg, ["fc2"])  # room for exactly one promotion
     res = quantize(path, _mlp_inputs(), tmp_path / "q.onnx", cfg.override({"precision.target_bits": budget}),
                    quiet=True)
-    assert res.precision["promoted"] == ["w2"]
+    assert res.precision["promoted"] == ["w2"] and res.precision["method"] == method
     sens = {s["weight"]: s for s in res.precision["sensitivity"]}
-    assert max(sens, key=lambda w: sens[w]["base_error"]) == "w2"
+    assert max(sens, key=lambda w: sens[w]["base_error"] - sens[w]["promoted_error"]) == "w2"
+    assert res.precision["sensitivity"][0]["weight"] == "w2"  # listed by benefit
+    if method == "in-context":  # every candidate measured once, in the same (all-quantized) context
+        assert len({s["base_error"] for s in sens.values()}) == 1 and all(s["round"] == 1 for s in sens.values())
+        assert res.precision["rounds"][0]["promoted"] == ["w2"]
     layer = {r.weight: r for r in res.layers}["w2"]
     assert layer.plan_source == "target-bits" and layer.weight_format.startswith("int8")
     if recipe == "w4a8":  # A8 already: the promotion keeps it
@@ -338,6 +343,10 @@ def test_target_bits_errors(tmp_path):
         load_recipe("w4").override({"precision.target_bits": 0.5})
     with pytest.raises(ConfigError, match="sensitivity_samples must be a positive integer"):
         load_recipe("w4").override({"precision.sensitivity_samples": 0})
+    with pytest.raises(ConfigError, match="precision.sensitivity must be one of in-context, isolated"):
+        load_recipe("w4").override({"precision.sensitivity": "hessian"})
+    with pytest.raises(ConfigError, match="sensitivity_rounds must be a positive integer"):
+        load_recipe("w4").override({"precision.sensitivity_rounds": 0})
     assert not list(tmp_path.glob("[ab].onnx*"))
 
 
@@ -350,3 +359,41 @@ def test_storage_bits_counts_scales_and_zero_points(tmp_path):
     assert storage_bits(t, promote(resolve_plan([t], load_recipe("w4"))[t.name]).weights) == 64 * 64 * 8 + 64 * 40
     assert storage_bits(t, load_recipe("mxfp4").weights) == 64 * 64 * 4 + 64 * 2 * 8
     assert storage_bits(t, None) == 64 * 64 * 32
+
+
+class _TableProbe:
+    """A stand-in for the onnxruntime probe: the output error is a table over the set of targets left at the base
+    format (promoted ones count as lossless), so that errors do not add: target "a" alone costs little, but in the
+    quantized model it is what the others amplify."""
+
+    def __init__(self, names, table):
+        self.targets = [SimpleNamespace(name=n) for n in names]
+        self.table = table
+        self.runs = 0
+
+    def error(self, targets, plans):
+        self.runs += 1
+        base = frozenset(t.name for t in targets if plans[t.name].source != "target-bits")
+        return self.table[base]
+
+
+def test_in_context_sees_interactions_that_isolated_misses():
+    from qronos_onnx.precision.sensitivity import Candidate, _in_context, _isolated
+
+    names = ["a", "b", "c"]
+    table = {frozenset(): 0.0, frozenset("a"): 0.01, frozenset("b"): 0.2, frozenset("c"): 0.05,
+             frozenset("abc"): 1.0, frozenset("bc"): 0.3, frozenset("ac"): 0.8, frozenset("ab"): 0.9}
+    cfg = load_recipe("w4")
+    plans = {n: LayerPlan(cfg.weights, cfg.activations) for n in names}
+
+    def cands():
+        return [Candidate(n, [SimpleNamespace(name=n)], extra_bits=1.0) for n in names]
+
+    probe = _TableProbe(names, table)
+    assert [c.weight for c in _isolated(cands(), 1.0, plans, probe, True)] == ["b"]  # the largest error alone
+    probe = _TableProbe(names, table)
+    rounds: list[dict] = []
+    chosen = _in_context(cands(), 1.0, plans, probe, 2, rounds, True)
+    assert [c.weight for c in chosen] == ["a"]  # removes 0.7 of the quantized model's 1.0
+    assert rounds == [{"round": 1, "output_error": 1.0, "measured": 3, "promoted": ["a"]}]
+    assert probe.runs == 4  # the context, then each candidate once; no room left for a second round

@@ -1,24 +1,29 @@
 """--target-bits: measure what each target's quantization costs the model's output, and promote greedily.
 
-Why this measure. A target's sensitivity is the relative error it alone causes at the model's outputs,
-``sum ||y_t - y||^2 / sum ||y||^2`` over a few calibration samples, where ``y`` is the float model and ``y_t`` the
-float model with only target ``t`` quantized (round-to-nearest weights on its grid, and its activation quantizer
-when the format has one). Unlike the per-layer error the solver reports (``||XW - X~Q|| / ||XW||``, local to
-the layer), it includes how much the rest of the network amplifies or absorbs that layer's error, and it sees
-activation quantization, which the weight statistics do not: on a CNN whose depthwise layers break under 4-bit
-activations the local weight error can be small while the output error is large. The benefit of promoting ``t``
-is the drop of that error from its format to the next precision; targets are taken greedily by benefit per added
-bit until the budget is spent (lazily: the promoted level is only measured for targets that can still win, since
-the benefit never exceeds the error at the base format).
+The measure is the relative error at the model's outputs, ``sum ||y_q - y||^2 / sum ||y||^2`` over a few calibration
+samples, where ``y`` is the float model and ``y_q`` the model quantized by a plan (round-to-nearest weights on each
+target's grid and, for W+A formats, each target's activation quantizer). It includes how much the rest of the
+network amplifies or absorbs a layer's error, and it sees activation quantization, which the per-layer weight error
+in the report does not. Two ways to turn it into a choice (``precision.sensitivity``):
 
-Cost: one onnxruntime session of the whole float model with every target weight fed as an input (built once),
-then ``sensitivity_samples`` forward passes per target and level. Activation quantizers are all in that session,
-each switched on by a scalar input, so one session serves every target.
+- ``in-context`` (default): start from the whole model quantized at the requested format; the benefit of promoting
+  ``t`` is how much the output error drops when only ``t`` is promoted. Targets are taken by benefit per added bit
+  for a share of the budget, then the remaining ones are measured again in the new context
+  (``precision.sensitivity_rounds`` rounds). Errors do not add: on a depthwise CNN under MXFP4 activations the stem
+  conv alone costs 0.6 % output error but promoting it in the quantized model removes half of the error, because
+  every later quantizer amplifies what it lets through (``docs/mixed_precision.md``).
+- ``isolated``: the error each target causes with only that target quantized, base format vs promoted, taken
+  greedily (lazily: the base error bounds the benefit). Kept for comparison: it ignores those interactions.
+
+Cost: one onnxruntime session of the whole float model with every target weight fed as an input (built once), every
+activation quantizer behind a scalar switch so that one session serves every plan; then ``sensitivity_samples``
+forward passes per candidate and round (in-context) or per candidate and level (isolated).
 """
 from __future__ import annotations
 
 import heapq
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,8 +54,9 @@ class Candidate:
     weight: str
     targets: list[Target]
     extra_bits: float  # storage added by the promotion
-    base_error: float = float("nan")
-    promoted_error: float | None = None  # measured lazily
+    base_error: float = float("nan")  # the output error before promoting it (isolated: with only it quantized)
+    promoted_error: float | None = None  # ... and after (isolated: measured lazily)
+    round: int = 0  # in-context: the round of its last measurement
 
     @property
     def nodes(self) -> list[str]:
@@ -67,18 +73,34 @@ class BudgetResult:
     candidates: list[Candidate] = field(default_factory=list)
     runs: int = 0  # forward passes of the whole model
     seconds: float = 0.0
+    method: str = "in-context"
+    rounds: list[dict] = field(default_factory=list)  # in-context: output error and promotions per round
 
     def to_dict(self) -> dict:
         return {
             "target_bits": self.target_bits, "base_bits": round(self.base_bits, 4),
             "final_bits": round(self.final_bits, 4), "promoted": self.promoted, "forward_passes": self.runs,
-            "seconds": round(self.seconds, 2),
-            "measure": "relative output error of the model with only that target quantized (RTN weights + its "
-                       "activation quantizer), base format vs promoted",
+            "seconds": round(self.seconds, 2), "method": self.method, "measure": _MEASURES[self.method],
+            "rounds": self.rounds,
             "sensitivity": [{"weight": c.weight, "nodes": c.nodes, "extra_bits": c.extra_bits,
-                             "base_error": c.base_error, "promoted_error": c.promoted_error}
-                            for c in sorted(self.candidates, key=lambda c: -c.base_error)],
+                             "base_error": c.base_error, "promoted_error": c.promoted_error,
+                             **({"round": c.round} if self.method == "in-context" else {})}
+                            for c in sorted(self.candidates, key=lambda c: -_benefit(c))],
         }
+
+
+_MEASURES = {
+    "in-context": "relative output error of the whole model quantized by the plan (RTN weights + activation "
+                  "quantizers), before and after promoting only that target, re-measured each round",
+    "isolated": "relative output error of the model with only that target quantized (RTN weights + its "
+                "activation quantizer), base format vs promoted",
+}
+
+
+def _benefit(c: Candidate) -> float:
+    if c.promoted_error is None or not math.isfinite(c.base_error):
+        return -math.inf
+    return c.base_error - c.promoted_error
 
 
 def apply_target_bits(model: ir.Model, targets: list[Target], everything: list[Target],
@@ -115,20 +137,18 @@ def apply_target_bits(model: ir.Model, targets: list[Target], everything: list[T
                           "(promotions: int2/int3 -> int4, int4..int7 -> int8, mxfp4 -> mxfp8); choose a lower-bit "
                           "format or drop --target-bits")
     room = (budget - base) * total_params
-    result = BudgetResult(dict(plans), budget, base, base, candidates=cands)
+    method = cfg.precision.sensitivity
+    result = BudgetResult(dict(plans), budget, base, base, candidates=cands, method=method)
     if room < min(c.extra_bits for c in cands):
         log.warning("note: --target-bits %g leaves no room for a promotion (the formats cost %.3f bits per weight)",
                     budget, base)
         result.seconds = time.perf_counter() - t_start
         return result
     with _Probe(model, targets, samples, plans, cfg, quiet=quiet) as probe:
-        bar = tqdm(total=len(cands), desc="sensitivity", unit="target", disable=quiet, leave=False)
-        for c in cands:
-            c.base_error = probe.error(c.targets, plans)
-            bar.update()
-        bar.close()
-        chosen = _greedy(cands, room, lambda c: probe.error(c.targets, {t.name: promote(plans[t.name])
-                                                                          for t in c.targets}))
+        if method == "isolated":
+            chosen = _isolated(cands, room, plans, probe, quiet)
+        else:
+            chosen = _in_context(cands, room, plans, probe, cfg.precision.sensitivity_rounds, result.rounds, quiet)
         result.runs = probe.runs
     for c in chosen:
         for t in c.targets:
@@ -137,6 +157,64 @@ def apply_target_bits(model: ir.Model, targets: list[Target], everything: list[T
     result.final_bits = average_bits(everything, result.plans)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _with(plans: Mapping[str, LayerPlan], base: Mapping[str, LayerPlan], cands: Sequence[Candidate]) -> dict:
+    """``plans`` with the candidates' targets promoted from their ``base`` plan."""
+    out = dict(plans)
+    for c in cands:
+        for t in c.targets:
+            out[t.name] = promote(base[t.name])
+    return out
+
+
+def _in_context(cands: list[Candidate], room: float, plans: dict[str, LayerPlan], probe: "_Probe", rounds: int,
+                log_rounds: list[dict], quiet: bool) -> list[Candidate]:
+    """Each round: measure, in the model quantized by the current plan, what promoting each remaining candidate
+    alone removes from the output error; promote the best per added bit until the round's share of the budget
+    (the room left over the rounds left) is spent. The last round may spend all that is left."""
+    chosen: list[Candidate] = []
+    left = list(cands)
+    current = dict(plans)
+    bar = tqdm(total=len(cands) * rounds, desc="sensitivity", unit="pass", disable=quiet, leave=False)
+    for r in range(rounds):
+        if not left or room < min(c.extra_bits for c in left):
+            break
+        error = probe.error(probe.targets, current)
+        for c in left:
+            c.base_error = error
+            c.promoted_error = probe.error(probe.targets, _with(current, plans, [c]))
+            c.round = r + 1
+            bar.update()
+        share = room / (rounds - r)
+        spent = 0.0
+        taken = []
+        for c in sorted(left, key=lambda c: -_benefit(c) / c.extra_bits):
+            if spent >= share or _benefit(c) <= 0:
+                break
+            if c.extra_bits <= room - spent:
+                taken.append(c)
+                spent += c.extra_bits
+        if not taken:
+            break
+        chosen += taken
+        room -= spent
+        current = _with(current, plans, taken)
+        left = [c for c in left if c not in taken]
+        log_rounds.append({"round": r + 1, "output_error": error, "measured": len(taken) + len(left),
+                           "promoted": [c.weight for c in taken]})
+    bar.close()
+    return chosen
+
+
+def _isolated(cands: list[Candidate], room: float, plans: dict[str, LayerPlan], probe: "_Probe",
+              quiet: bool) -> list[Candidate]:
+    bar = tqdm(total=len(cands), desc="sensitivity", unit="target", disable=quiet, leave=False)
+    for c in cands:
+        c.base_error = probe.error(c.targets, plans)
+        bar.update()
+    bar.close()
+    return _greedy(cands, room, lambda c: probe.error(c.targets, _with(plans, plans, [c])))
 
 
 def _greedy(cands: list[Candidate], room: float, measure) -> list[Candidate]:

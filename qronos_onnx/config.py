@@ -266,7 +266,7 @@ class PrecisionConfig:
     layers: list = field(default_factory=list)
     sensitivity_samples: int = 4
     sensitivity: str = "in-context"
-    sensitivity_rounds: int = 2
+    sensitivity_rounds: int = 3
 
     def validate(self) -> None:
         t = self.target_bits

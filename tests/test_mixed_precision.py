@@ -369,12 +369,21 @@ class _TableProbe:
     def __init__(self, names, table):
         self.targets = [SimpleNamespace(name=n) for n in names]
         self.table = table
+        self.context: set[str] = set()  # float
         self.runs = 0
 
-    def error(self, targets, plans):
+    def _base(self, plans, names):
+        return {n for n in names if plans[n].source != "target-bits"}
+
+    def set_context(self, plans):
         self.runs += 1
-        base = frozenset(t.name for t in targets if plans[t.name].source != "target-bits")
-        return self.table[base]
+        self.context = self._base(plans, [t.name for t in self.targets])
+        return self.table[frozenset(self.context)]
+
+    def error(self, changed, plans):
+        self.runs += 1
+        names = {t.name for t in changed}
+        return self.table[frozenset((self.context - names) | self._base(plans, names))]
 
 
 def test_in_context_sees_interactions_that_isolated_misses():
@@ -397,3 +406,44 @@ def test_in_context_sees_interactions_that_isolated_misses():
     assert [c.weight for c in chosen] == ["a"]  # removes 0.7 of the quantized model's 1.0
     assert rounds == [{"round": 1, "output_error": 1.0, "measured": 3, "promoted": ["a"]}]
     assert probe.runs == 4  # the context, then each candidate once; no room left for a second round
+
+
+@pytest.mark.parametrize("which", ["transformer", "cnn"])
+def test_probe_suffix_runs_equal_whole_model_runs(tmp_path, which):
+    """error(changed) runs only the nodes from the deepest cut above the change, with the rest taken from the
+    context run: it must equal running the whole model with the same plan."""
+    from qronos_onnx.export.qdq import upgrade_opset
+    from qronos_onnx.precision.sensitivity import _Probe
+
+    def _saved(proto):
+        onnx.save(proto, str(tmp_path / "m.onnx"))
+        return tmp_path / "m.onnx"
+
+    if which == "transformer":
+        model = load_model(_saved(tm.transformer()))
+        samples = tm.transformer_inputs(3)
+        cfg = load_recipe("w4a8")
+    else:
+        model = load_model(_saved(fragile_cnn()))
+        samples = [{"img": np.random.default_rng(i).standard_normal((4, 1, 8, 8)).astype(np.float32)}
+                   for i in range(3)]
+        cfg = load_recipe("w4a8").override({"activations.bits": 4, "activations.dynamic": False,
+                                            "activations.granularity": "per_tensor"})
+    upgrade_opset(model, 21)  # what quantize() does before measuring: the activation quantizers need it
+    targets = find_targets(model)
+    cfg = cfg.override({"precision.sensitivity_samples": 2})
+    plans = resolve_plan(targets, cfg)
+    with _Probe(model, targets, samples, plans, cfg, quiet=True, cuts=3) as probe:
+        assert len(probe.suffixes) == min(3, len({probe.depth[t.name] for t in targets}))
+        context = probe.set_context(plans)
+        assert context > 0
+        helped = 0
+        for t in targets:
+            up = dict(plans)
+            up[t.name] = promote(plans[t.name])
+            by_suffix = probe.error([t], up)
+            whole = probe.set_context(up)
+            probe.set_context(plans)
+            assert by_suffix == pytest.approx(whole, rel=1e-6, abs=1e-12), t.name
+            helped += by_suffix < context  # not every promotion helps: errors interact
+        assert helped > 0

@@ -294,3 +294,41 @@ def closure_segment(model: ir.Model, outputs: list[str], weight_names: set[str] 
         if index.kind(values[name]) == "input" and name not in inputs:
             inputs.append(name)
     return Segment(0, [n.name for n in nodes], inputs, list(outputs), weights, consts, list(outputs))
+
+
+def target_depths(model: ir.Model, targets: list[Target]) -> dict[str, int]:
+    """Node name -> depth (the longest path from the inputs counted in targets; a target counts itself), for every
+    node of the main graph. Nodes of depth < d never depend on a target of depth >= d."""
+    index = _GraphIndex(model, {t.weight_name for t in targets})
+    names = {t.name for t in targets}
+    depth: dict[ir.Node, int] = {}
+    for node in index.nodes:
+        d = 0
+        for v in index.deps[node]:
+            p = index.producer(v, node)
+            if p is not None:
+                d = max(d, depth[p])
+        depth[node] = d + (1 if node.name in names else 0)
+    return {node.name: d for node, d in depth.items()}
+
+
+def suffix_segment(model: ir.Model, depths: dict[str, int], start: int, weight_names: set[str],
+                   outputs: list[str]) -> Segment:
+    """Every node of depth >= ``start``, computing those of ``outputs`` they produce: what changes when a target of
+    depth >= ``start`` changes. Its inputs are the graph inputs it reads and the tensors earlier nodes produce
+    (taken from a run of the whole graph); ``outputs`` produced earlier are not in ``Segment.outputs``."""
+    index = _GraphIndex(model, weight_names)
+    nodes = [n for n in index.nodes if depths[n.name] >= start]
+    inside = set(nodes)
+    inputs, weights, consts = [], [], []
+    for node in nodes:
+        for v in index.deps[node]:
+            kind = index.kind(v)
+            if kind == "node" and index.producer(v) in inside:
+                continue
+            bucket = {"weight": weights, "const": consts}.get(kind, inputs)
+            if v.name not in bucket:
+                bucket.append(v.name)
+    produced = {v.name for n in nodes for v in n.outputs}
+    outs = [name for name in outputs if name in produced]
+    return Segment(-1 - start, [n.name for n in nodes], inputs, outs, weights, consts, outs)

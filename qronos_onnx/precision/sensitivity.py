@@ -204,6 +204,8 @@ def _in_context(cands: list[Candidate], room: float, plans: dict[str, LayerPlan]
         log_rounds.append({"round": r + 1, "output_error": error, "measured": len(measure),
                            "promoted": [c.weight for c in taken]})
         if not taken:
+            log.warning("note: --target-bits: no remaining promotion lowers the measured output error (%.4g) in "
+                        "round %d; %.0f bits of the budget stay unspent", error, r + 1, room)
             break
         chosen += taken
         room -= spent

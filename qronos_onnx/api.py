@@ -22,14 +22,14 @@ from .capture import CaptureEngine
 from .capture.act_calib import plan_activations, required_opset
 from .checkpoint import open_checkpoint, read_manifest, sigterm_as_interrupt
 from .config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ExportError, ModelError
 from .export import export_model, validate_export
 from .export.gather import QuantizedTable, export_tables
 from .export.qdq import default_opset, ir_version_for_opset, upgrade_opset
 from .formats import IntGrid, QuantizedWeight, make_grid
 from .formats.table import quantize_table
 from .graph.io import OutputStage, check_output_path, run_inputs
-from .graph.preflight import (check_free_space, check_input_model, describe_ops, estimate_output_bytes,
+from .graph.preflight import (Preflight, check_free_space, check_input_model, describe_ops, estimate_output_bytes,
                               quantized_ops)
 from .graph.embeddings import (EmbeddingTable, find_embedding_tables, find_heads, tied_heads, untie_heads,
                                untie_transposed_tables)
@@ -37,6 +37,7 @@ from .graph.model import load_model, read_initializer
 from .graph.schedule import build_schedule
 from .precision import (LayerPlan, apply_target_bits, average_bits, is_mixed, promote, resolve_plan,
                         storage_bits)
+from .threads import torch_threads
 from .transforms import TransformLog
 from .transforms.fused import FusedRotationUnsupported, fuse_rotations
 from .transforms.magr import magr_batch
@@ -147,8 +148,9 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
 
     ``calib`` is a directory of .npz files, one .npz, a text file (with ``tokenizer``), a list of feed dicts or an
     onnxruntime ``CalibrationDataReader``; ``None`` for data-free weight-only RTN (no capture runs, the report's
-    output errors are null; any setting that needs data is refused, naming it). The input model is never modified; the output is written atomically, with
-    the resolved config (``.config.yaml``) and the per-layer report (``.report.json``) beside it.
+    output errors are null; any setting that needs data is refused, naming it). The input model is never modified;
+    the output is written atomically, with the resolved config (``.config.yaml``) and the per-layer report
+    (``.report.json``) beside it.
 
     After each wave the state is checkpointed in ``OUTPUT.qronos-resume/`` (``checkpoint=False``: not);
     ``resume=True`` continues an interrupted run from there, with a byte-identical output (see checkpoint.py).
@@ -164,7 +166,9 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     model = load_model(model_path)
     check_output_path(model_path, out, overwrite, inputs=run_inputs(model_path, model, calib, tokenizer))
     say = _status(quiet)
-    preflight = check_input_model(model_path)  # refusals the output would meet, before any work
+    # refusals the output would meet, before any work; a data-free run has no capture to protect and validates its
+    # output anyway, so it checks the input only when the output fails (_validate_data_free)
+    preflight = None if data_free else check_input_model(model_path)
     fold_constant_aliases(model)
     # a head tied to the embedding through a Transpose gets its own copy of the table (the float function is the
     # same); it is then a target like any other, quantized on its own grid: the tie is undone in the output only
@@ -271,7 +275,9 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     t_capture0 = time.perf_counter()
     if data_free:  # nothing needs activations: round wave by wave in schedule order; no capture, no checkpoint
         say(f"rounding {len(targets)} weights to nearest without calibration data (no capture)")
-        t_round, t_capture = _round_data_free(model, targets, cfg, device, quantized, reports, plans), None
+        with torch_threads(1):  # elementwise passes only (threads.py)
+            t_round = _round_data_free(model, targets, cfg, device, quantized, reports, plans)
+        t_capture = None
     else:
         ckpt = open_checkpoint(out, model_path, samples, cfg.to_dict(), resume)
         quantized.update(ckpt.quantized())
@@ -325,17 +331,19 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
             {t.name: [plans[t.name].weight_label(), plans[t.name].act_label()] for t in targets})
     if budget is not None:
         metadata["quant.target_bits"] = f"{budget.target_bits:g}"
-    tables = _quantize_tables(model, cfg)
+    with torch_threads(1):  # elementwise passes only (threads.py)
+        tables = _quantize_tables(model, cfg)
     if tables:
         metadata["quant.embeddings"] = str(cfg.embeddings.bits)
     metadata["quant.lm_head"] = cfg.embeddings.lm_head
     say(f"exporting {len(quantized)} quantized weights ({cfg.export.dialect})"
         + (f" and {len(tables)} embedding table(s) ({cfg.embeddings.bits}-bit)" if tables else ""))
-    export_model(model, quantized, targets, dialect=cfg.export.dialect, metadata=metadata,
-                 accuracy_level=cfg.export.accuracy_level)
-    if acts is not None:
-        acts.apply(model)
-    export_tables(model, tables, cfg.export.dialect)
+    with torch_threads(1):
+        export_model(model, quantized, targets, dialect=cfg.export.dialect, metadata=metadata,
+                     accuracy_level=cfg.export.accuracy_level)
+        if acts is not None:
+            acts.apply(model)
+        export_tables(model, tables, cfg.export.dialect)
     if untied:
         log.info("lm_head: %s untied from %s in the output (each quantized on its own grid)",
                  ", ".join(u.node for u in untied), ", ".join(sorted({u.table for u in untied})))
@@ -344,7 +352,11 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         say(f"writing {out.name}")
         staged = stage.write_model(model)
         say("validating the written file (onnx.checker, onnxruntime load, every weight read back bit-exact)")
-        validate_export(staged, quantized, targets, checker=preflight.checker_ok, tables=tables)
+        with torch_threads(1):
+            if preflight is None:
+                preflight = _validate_data_free(model_path, staged, quantized, targets, tables)
+            else:
+                validate_export(staged, quantized, targets, checker=preflight.checker_ok, tables=tables)
         t_export = time.perf_counter() - t0
         result = QuantResult(
             output_path=out,
@@ -369,13 +381,34 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         stage.write_text(config_path, _config_yaml(cfg, plans, everything, budget))
         report = _report_dict(result, model_path)
         report.update(precision=result.precision, left_float=skipped, gemm_transA_rewritten=rewritten, transforms=transform_log.to_dict(),
-                      input_checker="ok" if preflight.checker_ok else f"rejected: {preflight.checker_message} "
+                      input_checker=("ok" if preflight.checker_message != _NOT_RUN else _NOT_RUN)
+                      if preflight.checker_ok else f"rejected: {preflight.checker_message} "
                                                                         "(output validated by onnxruntime)")
         stage.write_text(report_path, json.dumps(report, indent=2))
         stage.commit()
     if ckpt is not None:
         ckpt.remove()
     return result
+
+
+_NOT_RUN = "not run (data-free run: the output passes onnx.checker)"
+
+
+def _validate_data_free(model_path, staged: Path, quantized, targets, tables) -> Preflight:
+    """Validate a data-free run's output; only when it fails are the input's checks run, to say whose fault it is.
+
+    The same refusals as check_input_model before the run: an input onnxruntime cannot load is refused naming the
+    input, and an input the checker already rejects has its output validated by onnxruntime instead.
+    """
+    try:
+        validate_export(staged, quantized, targets, checker=True, tables=tables)
+        return Preflight(checker_ok=True, checker_message=_NOT_RUN, ort_ok=True)
+    except ExportError:
+        pre = check_input_model(model_path)  # raises ModelError naming the input when onnxruntime cannot load it
+        if pre.checker_ok:
+            raise
+    validate_export(staged, quantized, targets, checker=False, tables=tables)
+    return pre
 
 
 def _rotate(model, targets: list[Target], cfg: QuantConfig, samples, transform_log: TransformLog) -> list[str]:

@@ -60,8 +60,13 @@ class IntGrid:
 
     def codes(self, values: torch.Tensor, cols: torch.Tensor | slice | int | None = None) -> torch.Tensor:
         """Integer codes (as float32) of ``values`` = ``W[..., :, cols]``: round half to even, then clamp."""
+        if cols is None and not self.per_channel and self.cols % self.group_size == 0:  # whole weight, groups
+            g = self.group_size  # broadcast one scale per group instead of gathering full-size copies (same bits)
+            v = values.float().reshape(*values.shape[:-1], self.cols // g, g)
+            q = torch.round(v / self.scale.unsqueeze(-1)).add_(self.zero_point.unsqueeze(-1))
+            return q.clamp_(self.qmin, self.qmax).reshape(*q.shape[:-2], self.cols)
         s, z = self._params(cols)
-        return torch.clamp(torch.round(values.float() / s) + z, self.qmin, self.qmax)
+        return torch.round(values.float() / s).add_(z).clamp_(self.qmin, self.qmax)
 
     def decode(self, codes: torch.Tensor, cols: torch.Tensor | slice | int | None = None) -> torch.Tensor:
         s, z = self._params(cols)

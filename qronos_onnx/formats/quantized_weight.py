@@ -46,6 +46,13 @@ class QuantizedWeight:
         dtype = dtype or self.grid.scale_dtype
         if not isinstance(self.grid, IntGrid):
             return self.grid.decode(self.codes).to(dtype)
+        rows, cols = self.codes.shape
+        g = self.grid.group_size
+        if cols % g == 0:  # broadcast one scale per group instead of gathering a full-size copy (same bits)
+            scale = self.grid.scale.to(dtype).reshape(rows, cols // g, 1)
+            zero = self.grid.zero_point.to(torch.int32).reshape(rows, cols // g, 1)
+            q = (self.codes.to(torch.int32).reshape(rows, cols // g, g) - zero).to(dtype)
+            return q.mul_(scale).reshape(rows, cols)
         gi = self.grid.group_index()
         scale = self.grid.scale[:, gi].to(dtype)
         zero = self.grid.zero_point[:, gi].to(torch.int32)

@@ -588,15 +588,17 @@ def _round_wave(model, wave_targets: list[Target], stats: dict | None, cfg: Quan
     no_stats: dict[tuple, _NoStats] = {}  # data-free: one per input, so q/k/v still stack as with data
     for name, ts in by_weight.items():
         if name in quantized:  # a shared weight rounded in an earlier wave: consumers reuse it
-            new[name] = _onnx_weight(ts[0], quantized[name])
+            with torch_threads(1):
+                new[name] = _onnx_weight(ts[0], quantized[name])
             continue
         if stats is not None and name not in stats:
             continue
         t = ts[0]
-        W = weight_matrix(model, t)
         scale_dtype = torch.float16 if t.weight_dtype == np.float16 else torch.float32
         plan = plans[t.name]
-        grid = make_grid(W, plan.weights, scale_dtype, force_per_channel=(t.op_type == "Conv"), name=name)
+        with torch_threads(1):  # copies, min/max and elementwise passes only (threads.py)
+            W = weight_matrix(model, t)
+            grid = make_grid(W, plan.weights, scale_dtype, force_per_channel=(t.op_type == "Conv"), name=name)
         st = stats[name] if stats is not None else no_stats.setdefault((t.input_name, t.conv), _NoStats())
         todo.append(_Unit([name], ts, W, grid, st, [W.shape[1]], LayerPlan(plan.weights, plan.activations)))
 
@@ -612,14 +614,17 @@ def _round_wave(model, wave_targets: list[Target], stats: dict | None, cfg: Quan
         if cfg.transforms.magr is not None:
             V, grid = magr_batch(batch, W, F, dataclasses.replace(cfg, weights=plan.weights), device)
         n_tokens = [u.stats.n_tokens for u in batch for _ in range(u.W.shape[0])]
+        # the solver's GEMMs (and MagR's, and the errors') run on the caller's threads: skinny GEMMs (a few columns,
+        # many rows or tokens) give other bits on one thread than on two
         res = round_weights(V.to(device), grid.to(device), H, G, cfg.rounding, act_quant=plan.activations.enabled,
                             seed=cfg.seed, n_tokens=n_tokens, device=device, W0=None if V is W else W.to(device))
         seconds = (time.perf_counter() - t0) / len(batch)
         if measured:
-            grid_d = grid.to(device)
-            Q = grid_d.decode(res.codes.to(device).float())
-            Wd = W.to(device).float()
-            Q_rtn = grid_d.round(V.to(device).float())  # errors are against the original W either way
+            with torch_threads(1):
+                grid_d = grid.to(device)
+                Q = grid_d.decode(res.codes.to(device).float())
+                Wd = W.to(device).float()
+                Q_rtn = grid_d.round(V.to(device).float())  # errors are against the original W either way
             err, rtn_err = (e.cpu() for e in reconstruction_errors(Wd, [Q, Q_rtn], H, G, F))
         codes = res.codes.cpu()
         b0 = 0
@@ -646,7 +651,8 @@ def _round_wave(model, wave_targets: list[Target], stats: dict | None, cfg: Quan
                 quantized[name] = qw
                 ts = [t for t in u.targets if t.weight_name == name]
                 if measured:  # a data-free run has no quant stream to feed
-                    new[name] = _onnx_weight(ts[0], qw)
+                    with torch_threads(1):
+                        new[name] = _onnx_weight(ts[0], qw)
                 reports.append(LayerReport(
                     weight=name, nodes=[t.name for t in ts], shape=list(ts[0].weight_shape),
                     algorithm=cfg.rounding.algorithm, rel_error=e, rtn_rel_error=e_rtn,

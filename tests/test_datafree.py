@@ -107,3 +107,20 @@ def test_data_free_leaves_the_input_alone(tmp_path):
     quantize(src, None, tmp_path / "q.onnx", load_recipe("w4").override(RTN), quiet=True)
     assert src.read_bytes() == before
     assert np.isfinite(json.loads((tmp_path / "q.onnx.report.json").read_text())["output_bytes"])
+
+
+def test_torch_threads_restores_the_count():
+    import torch
+
+    from qronos_onnx.threads import torch_threads
+
+    n = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == n
+    with pytest.raises(RuntimeError):
+        with torch_threads(1):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == n

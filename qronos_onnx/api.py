@@ -624,8 +624,10 @@ def _round_wave(model, wave_targets: list[Target], stats: dict | None, cfg: Quan
                 grid_d = grid.to(device)
                 Q = grid_d.decode(res.codes.to(device).float())
                 Wd = W.to(device).float()
-                Q_rtn = grid_d.round(V.to(device).float())  # errors are against the original W either way
-            err, rtn_err = (e.cpu() for e in reconstruction_errors(Wd, [Q, Q_rtn], H, G, F))
+                # errors are against the original W either way; RTN's own codes are the RTN candidate (measure once)
+                Q_rtn = Q if cfg.rounding.algorithm == "rtn" else grid_d.round(V.to(device).float())
+            errs = [e.cpu() for e in reconstruction_errors(Wd, [Q] if Q_rtn is Q else [Q, Q_rtn], H, G, F)]
+            err, rtn_err = errs[0], errs[-1]
         codes = res.codes.cpu()
         b0 = 0
         for u in batch:
@@ -638,8 +640,9 @@ def _round_wave(model, wave_targets: list[Target], stats: dict | None, cfg: Quan
             for name, rows in zip(u.names, u.row_splits):
                 if len(u.names) > 1 and measured:  # q, k and v solved as one problem: each its own rows' error
                     rs = slice(r0, r0 + rows)
-                    e, e_rtn = (float(x.mean()) for x in reconstruction_errors(
-                        Wd[sl, rs], [Q[sl, rs], Q_rtn[sl, rs]], H[sl], G[sl], F[sl]))
+                    errs = [float(x.mean()) for x in reconstruction_errors(
+                        Wd[sl, rs], [Q[sl, rs]] if Q_rtn is Q else [Q[sl, rs], Q_rtn[sl, rs]], H[sl], G[sl], F[sl])]
+                    e, e_rtn = errs[0], errs[-1]
                 ucodes = codes[sl, r0 : r0 + rows]  # [groups, rows, cols]
                 ugrid = grid.slice_rows(slice(r0, r0 + rows))
                 qw = QuantizedWeight(

@@ -106,7 +106,7 @@ DATA_FREE_NOTE = ("not measured: no calibration data was given (data-free round-
 
 def calibration_needs(cfg: QuantConfig) -> list[str]:
     """The settings of ``cfg`` that need calibration data, each named as its option (empty: RTN can run
-    data-free). Per-layer activation rules are checked once the plan is resolved (``_plan_needs``)."""
+    data-free). Per-layer activation rules are checked in quantize() once the plan is resolved."""
     needs = []
     if cfg.rounding.algorithm != "rtn":
         needs.append(f"--algo {cfg.rounding.algorithm} (rounding.algorithm: it solves with the inputs' second "

@@ -22,20 +22,22 @@ from .capture import CaptureEngine
 from .capture.act_calib import plan_activations, required_opset
 from .checkpoint import open_checkpoint, read_manifest, sigterm_as_interrupt
 from .config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ExportError, ModelError
 from .export import export_model, validate_export
 from .export.gather import QuantizedTable, export_tables
 from .export.qdq import default_opset, ir_version_for_opset, upgrade_opset
 from .formats import IntGrid, QuantizedWeight, make_grid
 from .formats.table import quantize_table
 from .graph.io import OutputStage, check_output_path, run_inputs
-from .graph.preflight import (check_free_space, check_input_model, describe_ops, estimate_output_bytes,
+from .graph.preflight import (Preflight, check_free_space, check_input_model, describe_ops, estimate_output_bytes,
                               quantized_ops)
 from .graph.embeddings import (EmbeddingTable, find_embedding_tables, find_heads, tied_heads, untie_heads,
                                untie_transposed_tables)
 from .graph.model import load_model, read_initializer
+from .graph.schedule import build_schedule
 from .precision import (LayerPlan, apply_target_bits, average_bits, is_mixed, promote, resolve_plan,
                         storage_bits)
+from .threads import torch_threads
 from .transforms import TransformLog
 from .transforms.fused import FusedRotationUnsupported, fuse_rotations
 from .transforms.magr import magr_batch
@@ -57,8 +59,8 @@ class LayerReport:
     nodes: list[str]
     shape: list[int]
     algorithm: str
-    rel_error: float  # ||XW - X~Q|| / ||XW|| from H, G, F
-    rtn_rel_error: float  # the same for round-to-nearest on the same grid: what the algorithm bought
+    rel_error: float | None  # ||XW - X~Q|| / ||XW|| from H, G, F; None: not measured (data-free run, no X)
+    rtn_rel_error: float | None  # the same for round-to-nearest on the same grid: what the algorithm bought
     damping: float | None  # the lam actually used (absolute)
     retries: int
     status: str
@@ -89,8 +91,45 @@ class QuantResult:
     embeddings: list[dict] = field(default_factory=list)  # QuantizedTable.report() of each quantized table
     lm_head: dict = field(default_factory=dict)  # mode, head nodes, heads untied from a table
 
+    @property
+    def data_free(self) -> bool:
+        """No calibration data: the output errors were not measured (None in every layer)."""
+        return bool(self.layers) and all(r.rel_error is None for r in self.layers)
+
     def worst_layers(self, n: int = 10) -> list[LayerReport]:
-        return sorted(self.layers, key=lambda r: -r.rel_error)[:n]
+        return sorted(self.layers, key=lambda r: -(r.rel_error if r.rel_error is not None else -1.0))[:n]
+
+
+DATA_FREE_NOTE = ("not measured: no calibration data was given (data-free round-to-nearest); the output error "
+                  "needs the layer's inputs X")
+
+
+def calibration_needs(cfg: QuantConfig) -> list[str]:
+    """The settings of ``cfg`` that need calibration data, each named as its option (empty: RTN can run
+    data-free). Per-layer activation rules are checked in quantize() once the plan is resolved."""
+    needs = []
+    if cfg.rounding.algorithm != "rtn":
+        needs.append(f"--algo {cfg.rounding.algorithm} (rounding.algorithm: it solves with the inputs' second "
+                     "moments; --algo rtn does not)")
+    if cfg.activations.enabled:
+        needs.append(f"activation quantization (activations.format {cfg.activations.format}, e.g. --w4a8/--w8a8 "
+                     "presets: quantized inputs are captured and calibrated; use a weight-only preset)")
+    if cfg.transforms.smoothquant is not None:
+        needs.append("--smoothquant (transforms.smoothquant: scales from the inputs' channel ranges)")
+    if cfg.transforms.magr is not None:
+        needs.append("--magr (transforms.magr: uses the inputs' Gram matrix)")
+    if cfg.transforms.rotate == "fused":
+        needs.append("--rotate fused (transforms.rotate: the fused rotation is verified on a calibration sample; "
+                     "--rotate online needs no data)")
+    if cfg.precision.target_bits is not None:
+        needs.append("--target-bits (precision.target_bits: promotions follow measured output sensitivity)")
+    return needs
+
+
+def _no_calibration_error(needs: list[str]) -> ConfigError:
+    return ConfigError("no calibration data (--calib) was given, but " + "; ".join(needs) + " needs it; give "
+                       "--calib, or drop " + ("that setting" if len(needs) == 1 else "those settings")
+                       + " (weight-only --algo rtn runs without data)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,21 +147,28 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     """Quantize ``model_path`` with calibration data ``calib`` and write the QDQ model to ``output_path``.
 
     ``calib`` is a directory of .npz files, one .npz, a text file (with ``tokenizer``), a list of feed dicts or an
-    onnxruntime ``CalibrationDataReader``. The input model is never modified; the output is written atomically, with
-    the resolved config (``.config.yaml``) and the per-layer report (``.report.json``) beside it.
+    onnxruntime ``CalibrationDataReader``; ``None`` for data-free weight-only RTN (no capture runs, the report's
+    output errors are null; any setting that needs data is refused, naming it). The input model is never modified;
+    the output is written atomically, with the resolved config (``.config.yaml``) and the per-layer report
+    (``.report.json``) beside it.
 
     After each wave the state is checkpointed in ``OUTPUT.qronos-resume/`` (``checkpoint=False``: not);
     ``resume=True`` continues an interrupted run from there, with a byte-identical output (see checkpoint.py).
     """
     cfg = (config or QuantConfig()).validate()
     t_start = time.perf_counter()
+    data_free = calib is None
+    if data_free and calibration_needs(cfg):
+        raise _no_calibration_error(calibration_needs(cfg))
     out = check_output_path(model_path, output_path, overwrite)  # the cheap refusals before any loading
     if resume:
         read_manifest(out)  # no checkpoint: say so before loading anything
     model = load_model(model_path)
     check_output_path(model_path, out, overwrite, inputs=run_inputs(model_path, model, calib, tokenizer))
     say = _status(quiet)
-    preflight = check_input_model(model_path)  # refusals the output would meet, before any work
+    # refusals the output would meet, before any work; a data-free run has no capture to protect and validates its
+    # output anyway, so it checks the input only when the output fails (_validate_data_free)
+    preflight = None if data_free else check_input_model(model_path)
     fold_constant_aliases(model)
     # a head tied to the embedding through a Transpose gets its own copy of the table (the float function is the
     # same); it is then a target like any other, quantized on its own grid: the tie is undone in the output only
@@ -142,9 +188,9 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
                         "for it")
     lm_head = {"mode": cfg.embeddings.lm_head, "nodes": heads,
                "untied": [dataclasses.asdict(u) for u in untied]}
-    samples = load_calibration(calib, model, samples=cfg.capture.samples, seed=cfg.seed,
-                               seq_len=cfg.capture.seq_len, tokenizer=tokenizer,
-                               special_tokens=cfg.capture.special_tokens)
+    samples = [] if data_free else load_calibration(calib, model, samples=cfg.capture.samples, seed=cfg.seed,
+                                                    seq_len=cfg.capture.seq_len, tokenizer=tokenizer,
+                                                    special_tokens=cfg.capture.special_tokens)
     transform_log = TransformLog()
     rotations = _rotate(model, targets, cfg, samples, transform_log) if targets else []
     chosen = {t.name for t in targets}  # transforms never change which nodes are quantized (a tied head stays float)
@@ -152,6 +198,10 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         exclude += [f"^{re.escape(name)}$" for name in rotations]  # the rotations stay float
         targets = [t for t in find_targets(model, exclude) if t.name in chosen]
     plans = resolve_plan(targets, cfg)  # --layer-config rules: per-target formats, or float
+    if data_free:
+        acting = sorted({p.rule for p in plans.values() if not p.is_float and p.activations.enabled})
+        if acting:
+            raise _no_calibration_error([f"activation quantization by layer rule {acting[0]!r} (--layer-config)"])
     everything = list(targets)  # the bit budget counts float-by-rule targets too
     floated = {n: p.rule for n, p in plans.items() if p.is_float}
     if floated:
@@ -219,30 +269,39 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     acts = _plan_activations(model, targets, samples, plans, cfg, device)
     t_act_calib = time.perf_counter() - t0
 
-    ckpt = open_checkpoint(out, model_path, samples, cfg.to_dict(), resume)
-    quantized: dict[str, QuantizedWeight] = ckpt.quantized()
-    reports: list[LayerReport] = [LayerReport(**r) for r in ckpt.reports()]
-    t_round = 0.0
+    quantized: dict[str, QuantizedWeight] = {}
+    reports: list[LayerReport] = []
+    ckpt = None
     t_capture0 = time.perf_counter()
-    with CaptureEngine(model, targets, samples, cfg.capture, device=device, stats_dtype=stats_dtype,
-                       act_quant=acts.act_quant() if acts else None, graph_hook=acts.graph_hook if acts else None,
-                       quiet=quiet) as engine:
-        total, done = sum(1 for w in engine.schedule.waves if w), ckpt.done
-        if ckpt.manifest is not None:
-            engine.resume_from(ckpt.engine_state())
-        try:
-            for wave_targets, stats in engine.waves():
-                t0 = time.perf_counter()
-                new = _round_wave(model, wave_targets, stats, cfg, device, quantized, reports, plans)
-                t_round += time.perf_counter() - t0
-                engine.set_weights(new)
-                done += 1
-                if checkpoint:
-                    ckpt.save(engine, engine.wave, done, total, quantized, reports)
-        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: say how far the checkpoint got (cli.py prints it)
-            err.qronos_progress = (ckpt.done if checkpoint else done, total, checkpoint and ckpt.done > 0)
-            raise
-    t_capture = time.perf_counter() - t_capture0 - t_round - ckpt.seconds
+    if data_free:  # nothing needs activations: round wave by wave in schedule order; no capture, no checkpoint
+        say(f"rounding {len(targets)} weights to nearest without calibration data (no capture)")
+        with torch_threads(1):  # elementwise passes only (threads.py)
+            t_round = _round_data_free(model, targets, cfg, device, quantized, reports, plans)
+        t_capture = None
+    else:
+        ckpt = open_checkpoint(out, model_path, samples, cfg.to_dict(), resume)
+        quantized.update(ckpt.quantized())
+        reports.extend(LayerReport(**r) for r in ckpt.reports())
+        t_round = 0.0
+        with CaptureEngine(model, targets, samples, cfg.capture, device=device, stats_dtype=stats_dtype,
+                           act_quant=acts.act_quant() if acts else None, graph_hook=acts.graph_hook if acts else None,
+                           quiet=quiet) as engine:
+            total, done = sum(1 for w in engine.schedule.waves if w), ckpt.done
+            if ckpt.manifest is not None:
+                engine.resume_from(ckpt.engine_state())
+            try:
+                for wave_targets, stats in engine.waves():
+                    t0 = time.perf_counter()
+                    new = _round_wave(model, wave_targets, stats, cfg, device, quantized, reports, plans)
+                    t_round += time.perf_counter() - t0
+                    engine.set_weights(new)
+                    done += 1
+                    if checkpoint:
+                        ckpt.save(engine, engine.wave, done, total, quantized, reports)
+            except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: say how far the checkpoint got (cli.py prints it)
+                err.qronos_progress = (ckpt.done if checkpoint else done, total, checkpoint and ckpt.done > 0)
+                raise
+        t_capture = time.perf_counter() - t_capture0 - t_round - ckpt.seconds
     by_name = {t.name: t for t in targets}
     for r in reports:
         r.transforms = sorted({x for n in r.nodes for x in transform_log.touched.get(n, [])})
@@ -272,17 +331,19 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
             {t.name: [plans[t.name].weight_label(), plans[t.name].act_label()] for t in targets})
     if budget is not None:
         metadata["quant.target_bits"] = f"{budget.target_bits:g}"
-    tables = _quantize_tables(model, cfg)
+    with torch_threads(1):  # elementwise passes only (threads.py)
+        tables = _quantize_tables(model, cfg)
     if tables:
         metadata["quant.embeddings"] = str(cfg.embeddings.bits)
     metadata["quant.lm_head"] = cfg.embeddings.lm_head
     say(f"exporting {len(quantized)} quantized weights ({cfg.export.dialect})"
         + (f" and {len(tables)} embedding table(s) ({cfg.embeddings.bits}-bit)" if tables else ""))
-    export_model(model, quantized, targets, dialect=cfg.export.dialect, metadata=metadata,
-                 accuracy_level=cfg.export.accuracy_level)
-    if acts is not None:
-        acts.apply(model)
-    export_tables(model, tables, cfg.export.dialect)
+    with torch_threads(1):
+        export_model(model, quantized, targets, dialect=cfg.export.dialect, metadata=metadata,
+                     accuracy_level=cfg.export.accuracy_level)
+        if acts is not None:
+            acts.apply(model)
+        export_tables(model, tables, cfg.export.dialect)
     if untied:
         log.info("lm_head: %s untied from %s in the output (each quantized on its own grid)",
                  ", ".join(u.node for u in untied), ", ".join(sorted({u.table for u in untied})))
@@ -291,7 +352,11 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         say(f"writing {out.name}")
         staged = stage.write_model(model)
         say("validating the written file (onnx.checker, onnxruntime load, every weight read back bit-exact)")
-        validate_export(staged, quantized, targets, checker=preflight.checker_ok, tables=tables)
+        with torch_threads(1):
+            if preflight is None:
+                preflight = _validate_data_free(model_path, staged, quantized, targets, tables)
+            else:
+                validate_export(staged, quantized, targets, checker=preflight.checker_ok, tables=tables)
         t_export = time.perf_counter() - t0
         result = QuantResult(
             output_path=out,
@@ -301,8 +366,9 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
             layers=reports,
             timings={**({"sensitivity": budget.seconds} if budget is not None else {}),
                      **({"act_calibration": t_act_calib} if acts and not cfg.activations.dynamic else {}),
-                     "capture": t_capture, "rounding": t_round,
-                     **({"checkpoint": ckpt.seconds} if checkpoint else {}), "export": t_export,
+                     **({"capture": t_capture} if t_capture is not None else {}), "rounding": t_round,
+                     **({"checkpoint": ckpt.seconds} if checkpoint and ckpt is not None else {}),
+                     "export": t_export,
                      "total": time.perf_counter() - t_start},
             n_samples=len(samples),
             output_bytes=_file_bytes(staged),
@@ -315,12 +381,34 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         stage.write_text(config_path, _config_yaml(cfg, plans, everything, budget))
         report = _report_dict(result, model_path)
         report.update(precision=result.precision, left_float=skipped, gemm_transA_rewritten=rewritten, transforms=transform_log.to_dict(),
-                      input_checker="ok" if preflight.checker_ok else f"rejected: {preflight.checker_message} "
+                      input_checker=("ok" if preflight.checker_message != _NOT_RUN else _NOT_RUN)
+                      if preflight.checker_ok else f"rejected: {preflight.checker_message} "
                                                                         "(output validated by onnxruntime)")
         stage.write_text(report_path, json.dumps(report, indent=2))
         stage.commit()
-    ckpt.remove()
+    if ckpt is not None:
+        ckpt.remove()
     return result
+
+
+_NOT_RUN = "not run (data-free run: the output passes onnx.checker)"
+
+
+def _validate_data_free(model_path, staged: Path, quantized, targets, tables) -> Preflight:
+    """Validate a data-free run's output; only when it fails are the input's checks run, to say whose fault it is.
+
+    The same refusals as check_input_model before the run: an input onnxruntime cannot load is refused naming the
+    input, and an input the checker already rejects has its output validated by onnxruntime instead.
+    """
+    try:
+        validate_export(staged, quantized, targets, checker=True, tables=tables)
+        return Preflight(checker_ok=True, checker_message=_NOT_RUN, ort_ok=True)
+    except ExportError:
+        pre = check_input_model(model_path)  # raises ModelError naming the input when onnxruntime cannot load it
+        if pre.checker_ok:
+            raise
+    validate_export(staged, quantized, targets, checker=False, tables=tables)
+    return pre
 
 
 def _rotate(model, targets: list[Target], cfg: QuantConfig, samples, transform_log: TransformLog) -> list[str]:
@@ -487,48 +575,59 @@ class _Unit:
     plan: LayerPlan  # weights and activations format: only units with the same plan are solved together
 
 
-def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig, device: torch.device,
+def _round_wave(model, wave_targets: list[Target], stats: dict | None, cfg: QuantConfig, device: torch.device,
                 quantized: dict[str, QuantizedWeight], reports: list[LayerReport],
                 plans: dict[str, LayerPlan] | None = None) -> dict[str, np.ndarray]:
+    """Round one wave's weights; ``stats`` None: data-free RTN (no errors measured)."""
     plans = plans or {t.name: LayerPlan(cfg.weights, cfg.activations) for t in wave_targets}
     by_weight: dict[str, list[Target]] = {}
     for t in wave_targets:
         by_weight.setdefault(t.weight_name, []).append(t)
     new: dict[str, np.ndarray] = {}
     todo: list[_Unit] = []
+    no_stats: dict[tuple, _NoStats] = {}  # data-free: one per input, so q/k/v still stack as with data
     for name, ts in by_weight.items():
         if name in quantized:  # a shared weight rounded in an earlier wave: consumers reuse it
-            new[name] = _onnx_weight(ts[0], quantized[name])
+            with torch_threads(1):
+                new[name] = _onnx_weight(ts[0], quantized[name])
             continue
-        if name not in stats:
+        if stats is not None and name not in stats:
             continue
         t = ts[0]
-        W = weight_matrix(model, t)
         scale_dtype = torch.float16 if t.weight_dtype == np.float16 else torch.float32
         plan = plans[t.name]
-        grid = make_grid(W, plan.weights, scale_dtype, force_per_channel=(t.op_type == "Conv"), name=name)
-        todo.append(_Unit([name], ts, W, grid, stats[name], [W.shape[1]], LayerPlan(plan.weights, plan.activations)))
+        with torch_threads(1):  # copies, min/max and elementwise passes only (threads.py)
+            W = weight_matrix(model, t)
+            grid = make_grid(W, plan.weights, scale_dtype, force_per_channel=(t.op_type == "Conv"), name=name)
+        st = stats[name] if stats is not None else no_stats.setdefault((t.input_name, t.conv), _NoStats())
+        todo.append(_Unit([name], ts, W, grid, st, [W.shape[1]], LayerPlan(plan.weights, plan.activations)))
 
     for batch in _batches(_merge_shared_inputs(todo)):
         W = torch.cat([u.W for u in batch])  # [B, rows, cols]
         grid = _cat_grids([u.grid for u in batch])
-        H = torch.cat([u.stats.H for u in batch]).to(device)
-        G = torch.cat([u.stats.G for u in batch]).to(device)
-        F = torch.cat([u.stats.F for u in batch]).to(device)
+        measured = stats is not None
+        H, G, F = ((torch.cat([getattr(u.stats, m) for u in batch]).to(device) if measured else None)
+                   for m in "HGF")
         t0 = time.perf_counter()
         plan = batch[0].plan
         V = W  # MagR (spec §4.5, §2.4): grid and solver start from V = MagR(W) on the float F; W stays the reference
         if cfg.transforms.magr is not None:
             V, grid = magr_batch(batch, W, F, dataclasses.replace(cfg, weights=plan.weights), device)
         n_tokens = [u.stats.n_tokens for u in batch for _ in range(u.W.shape[0])]
+        # the solver's GEMMs (and MagR's, and the errors') run on the caller's threads: skinny GEMMs (a few columns,
+        # many rows or tokens) give other bits on one thread than on two
         res = round_weights(V.to(device), grid.to(device), H, G, cfg.rounding, act_quant=plan.activations.enabled,
                             seed=cfg.seed, n_tokens=n_tokens, device=device, W0=None if V is W else W.to(device))
         seconds = (time.perf_counter() - t0) / len(batch)
-        grid_d = grid.to(device)
-        Q = grid_d.decode(res.codes.to(device).float())
-        Wd = W.to(device).float()
-        Q_rtn = grid_d.round(V.to(device).float())  # errors are against the original W either way
-        err, rtn_err = (e.cpu() for e in reconstruction_errors(Wd, [Q, Q_rtn], H, G, F))
+        if measured:
+            with torch_threads(1):
+                grid_d = grid.to(device)
+                Q = grid_d.decode(res.codes.to(device).float())
+                Wd = W.to(device).float()
+                # errors are against the original W either way; RTN's own codes are the RTN candidate (measure once)
+                Q_rtn = Q if cfg.rounding.algorithm == "rtn" else grid_d.round(V.to(device).float())
+            errs = [e.cpu() for e in reconstruction_errors(Wd, [Q] if Q_rtn is Q else [Q, Q_rtn], H, G, F)]
+            err, rtn_err = errs[0], errs[-1]
         codes = res.codes.cpu()
         b0 = 0
         for u in batch:
@@ -536,13 +635,14 @@ def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig
             sl = slice(b0, b0 + g)
             info = res.info[b0]
             # per-unit error: combine conv groups by their share of ||XW||^2 (equal weight is close enough here)
-            e, e_rtn = float(err[sl].mean()), float(rtn_err[sl].mean())
+            e, e_rtn = (float(err[sl].mean()), float(rtn_err[sl].mean())) if measured else (None, None)
             r0 = 0
             for name, rows in zip(u.names, u.row_splits):
-                if len(u.names) > 1:  # q, k and v solved as one problem: each reports its own rows' error
+                if len(u.names) > 1 and measured:  # q, k and v solved as one problem: each its own rows' error
                     rs = slice(r0, r0 + rows)
-                    e, e_rtn = (float(x.mean()) for x in reconstruction_errors(
-                        Wd[sl, rs], [Q[sl, rs], Q_rtn[sl, rs]], H[sl], G[sl], F[sl]))
+                    errs = [float(x.mean()) for x in reconstruction_errors(
+                        Wd[sl, rs], [Q[sl, rs]] if Q_rtn is Q else [Q[sl, rs], Q_rtn[sl, rs]], H[sl], G[sl], F[sl])]
+                    e, e_rtn = errs[0], errs[-1]
                 ucodes = codes[sl, r0 : r0 + rows]  # [groups, rows, cols]
                 ugrid = grid.slice_rows(slice(r0, r0 + rows))
                 qw = QuantizedWeight(
@@ -553,19 +653,44 @@ def _round_wave(model, wave_targets: list[Target], stats: dict, cfg: QuantConfig
                 )
                 quantized[name] = qw
                 ts = [t for t in u.targets if t.weight_name == name]
-                new[name] = _onnx_weight(ts[0], qw)
+                if measured:  # a data-free run has no quant stream to feed
+                    with torch_threads(1):
+                        new[name] = _onnx_weight(ts[0], qw)
                 reports.append(LayerReport(
                     weight=name, nodes=[t.name for t in ts], shape=list(ts[0].weight_shape),
                     algorithm=cfg.rounding.algorithm, rel_error=e, rtn_rel_error=e_rtn,
                     damping=info.get("damping"), retries=int(info.get("retries", 0)),
                     status=str(info.get("status", "ok")), seconds=seconds,
-                    note=_data_note(u.stats.n_tokens, u.W.shape[-1], cfg.rounding.algorithm),
+                    note=(_data_note(u.stats.n_tokens, u.W.shape[-1], cfg.rounding.algorithm) if measured
+                          else "rel_error " + DATA_FREE_NOTE),
                     alpha=info.get("alpha"), n_tokens=int(u.stats.n_tokens),
                     group_size=int(getattr(ugrid, "group_size", 0) or 0),
                 ))
                 r0 += rows
             b0 += g
     return new
+
+
+@dataclass
+class _NoStats:
+    """Stands in for LayerStats in a data-free run: no moments, no tokens."""
+
+    H: None = None
+    G: None = None
+    F: None = None
+    n_tokens: int = 0
+
+
+def _round_data_free(model, targets: list[Target], cfg: QuantConfig, device: torch.device,
+                     quantized: dict[str, QuantizedWeight], reports: list[LayerReport],
+                     plans: dict[str, LayerPlan]) -> float:
+    """Weight-only RTN without data: the capture schedule's waves in its order, so that the codes, the batches and
+    the report's order are those of a run with calibration data. Returns the seconds spent."""
+    t0 = time.perf_counter()
+    for wave in build_schedule(model, targets).waves:
+        if wave:
+            _round_wave(model, wave, None, cfg, device, quantized, reports, plans)
+    return time.perf_counter() - t0
 
 
 TOKENS_PER_INPUT_WARNING = 8
@@ -642,6 +767,7 @@ def _report_dict(result: QuantResult, model_path) -> dict:
         "calibration_samples": result.n_samples,
         "timings_seconds": result.timings,
         "config": result.config.to_dict(),
+        **({"output_errors": DATA_FREE_NOTE} if result.data_free else {}),
         "layers": [asdict(r) for r in result.layers],
         "embeddings": result.embeddings,
         "lm_head": result.lm_head,

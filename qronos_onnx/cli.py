@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model's weights with calibration data")
     q.add_argument("model", help="input ONNX model, or an onnxruntime-genai model folder (never modified)")
-    q.add_argument("--calib", required=True, help="calibration data: .npz directory or file, or .txt/.jsonl text")
+    q.add_argument("--calib", help="calibration data: .npz directory or file, or .txt/.jsonl text; may be omitted "
+                                    "for weight-only --algo rtn (data-free: no capture, no output errors in the "
+                                    "report)")
     q.add_argument("-o", "--output", required=True,
                    help="output ONNX path, or output folder for a genai folder (written atomically)")
     q.add_argument("--recipe", help="built-in recipe name (see `qronos-onnx recipes`) or a YAML file")
@@ -265,7 +267,8 @@ def format_summary(result, top: int = 10) -> str:
         "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()),
         f"config: {result.config_path}   report: {result.report_path}",
         "",
-        "worst layers (relative output error ||XW - X~Q|| / ||XW||):",
+        "worst layers (relative output error ||XW - X~Q|| / ||XW||):" if not result.data_free else
+        "layers (relative output error not measured: no calibration data):",
         f"{'node (weight)':<48} {'shape':>12} {cfg.rounding.algorithm:>9} {'rtn':>9}  status",
     ]
     mixed = bool((getattr(result, "precision", None) or {}).get("mixed"))
@@ -274,7 +277,7 @@ def format_summary(result, top: int = 10) -> str:
         # exporters name weights val_123; the consuming node's name is what a user finds in the graph
         label = (r.nodes[0] + (f" +{len(r.nodes) - 1}" if len(r.nodes) > 1 else "") if r.nodes else "") \
             + f" ({r.weight})"
-        lines.append(f"{label[-48:]:<48} {shape:>12} {r.rel_error:9.4f} {r.rtn_rel_error:9.4f}  {r.status}"
+        lines.append(f"{label[-48:]:<48} {shape:>12} {_err(r.rel_error)} {_err(r.rtn_rel_error)}  {r.status}"
                      + (f" ({r.retries} retries)" if r.retries else "")
                      + (f" [{r.weight_format}{', promoted' if r.plan_source == 'target-bits' else ''}]"
                         if mixed and r.weight_format else ""))
@@ -311,10 +314,17 @@ def format_summary(result, top: int = 10) -> str:
             n + (f" (untied from {untied[n]} in the output)" if n in untied else "") for n in head.get("nodes", [])))
     for note in result.transforms.get("notes", []):
         lines.append(f"note: {note}")
-    noted = [r for r in result.layers if r.note]
+    noted = [r for r in result.layers if r.note and r.rel_error is not None]
+    if result.data_free:
+        lines.append("note: data-free run (no --calib): weights rounded to nearest, output errors not measured")
     if noted:
         lines.append(f"note: {len(noted)} weights have few calibration tokens, e.g. {noted[0].weight}: {noted[0].note}")
     return "\n".join(lines)
+
+
+def _err(value: float | None) -> str:
+    """A relative error in the table's 9 columns; '-' where it was not measured (data-free run)."""
+    return f"{value:9.4f}" if value is not None else f"{'-':>9}"
 
 
 def _act_summary(act) -> str:
@@ -501,8 +511,9 @@ def load_report(path: str | Path):
             layers.append(LayerReport(**{k: v for k, v in entry.items() if k in known}))
         except TypeError as err:
             raise ConfigError(f"{what} (layer {i}: {err})") from None
-        if not all(isinstance(getattr(layers[-1], k), (int, float)) for k in ("rel_error", "rtn_rel_error")):
-            raise ConfigError(f"{what} (layer {i}: rel_error and rtn_rel_error must be numbers)")
+        if not all(isinstance(getattr(layers[-1], k), (int, float, type(None)))
+                   for k in ("rel_error", "rtn_rel_error")):
+            raise ConfigError(f"{what} (layer {i}: rel_error and rtn_rel_error must be numbers or null)")
     if not isinstance(data["config"], dict):
         raise ConfigError(f"{what} ('config' must be an object)")
     config = QuantConfig.from_dict(data["config"], source=f"report {p.name}: config")

@@ -29,6 +29,7 @@ from ..errors import CalibrationError, ModelError
 from ..graph.model import read_initializer
 from ..graph.schedule import Schedule, Segment, build_schedule
 from ..graph.targets import Target
+from ..threads import torch_threads
 from .frontier import FrontierStore
 from .stats import LayerStats, StatsAccumulator, finalize, tokens
 
@@ -496,8 +497,10 @@ class CaptureEngine:
                     xq = np.asarray(self.act_quant(ts[0], view))
                     if xq.shape != xf.shape:
                         raise ValueError(f"act_quant changed the shape of {name!r}: {xf.shape} -> {xq.shape}")
-                tq = tokens(xq, ts[0], self.device, self.stats_dtype)
-                accs[key].add(tq, tq if same else tokens(xf, ts[0], self.device, self.stats_dtype), same=same)
+                with torch_threads(1):  # reshapes and im2col copies: memory-bound (threads.py)
+                    tq = tokens(xq, ts[0], self.device, self.stats_dtype)
+                    tf = tq if same else tokens(xf, ts[0], self.device, self.stats_dtype)
+                accs[key].add(tq, tf, same=same)  # GEMMs on the caller's threads: their bits depend on the count
                 if self.keep_inputs:
                     for t in ts:
                         self.kept_inputs[t.name].x_tilde.append(np.array(xq))
@@ -517,7 +520,8 @@ class CaptureEngine:
                     store.drop((stream, name, c))
         for name in [n for n in self._quant_w if sched.weight_last_use.get(n, -1) <= w]:
             del self._quant_w[name]
-        return self._finalize(wave, groups, accs)
+        with torch_threads(1):  # divisions of N x N sums: elementwise
+            return self._finalize(wave, groups, accs)
 
     def _finalize(self, wave: list[Target], groups: dict[tuple, list[Target]],
                   accs: dict[tuple, StatsAccumulator]) -> dict[str, LayerStats]:

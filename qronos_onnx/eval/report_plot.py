@@ -87,6 +87,9 @@ def write_plot(report: str | os.PathLike, plot: str | os.PathLike, *, overwrite:
     out = check_plot_path(report, plot, overwrite)
     plt = _pyplot()
     data = json.loads(Path(report).read_text(encoding="utf-8"))
+    if any(e.get("rel_error") is None for e in data.get("layers") or []):
+        raise ConfigError(f"report {str(report)!r} has no measured output errors (a data-free run, without --calib); "
+                          "nothing to plot: quantize with --calib to measure them")
     layers = plot_layers(data)
     if not layers:
         raise ConfigError(f"report {str(report)!r} lists no layers; nothing to plot")

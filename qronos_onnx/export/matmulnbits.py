@@ -155,6 +155,11 @@ def encode_nbits(name: str, qw: QuantizedWeight, target: Target) -> NBitsEncodin
 
 def decode_matmulnbits(node: ir.Node) -> np.ndarray:
     """The weight a MatMulNBits node multiplies by, [K, N] in the scales' dtype: (code - zero point) * scale."""
+    return np.ascontiguousarray(decode_matmulnbits_nk(node).T)
+
+
+def decode_matmulnbits_nk(node: ir.Node) -> np.ndarray:
+    """:func:`decode_matmulnbits` in the packed layout [N, K] (the solver's), without the transposed copy."""
     a = {k: v.value for k, v in node.attributes.items()}
     K, N, bits, block = int(a["K"]), int(a["N"]), int(a["bits"]), int(a["block_size"])
     B = np.asarray(node.inputs[1].const_value.numpy())
@@ -166,13 +171,15 @@ def decode_matmulnbits(node: ir.Node) -> np.ndarray:
         zero = np.full((N, k_blocks), 1 << (bits - 1), np.int32)
     else:
         zero = unpack_bits(np.asarray(zv.const_value.numpy()), bits, k_blocks).astype(np.int32)
-    scales = scales.reshape(N, k_blocks)
-    w = (codes - np.repeat(zero, block, axis=1)).astype(scales.dtype) * np.repeat(scales, block, axis=1)
-    return np.ascontiguousarray(w[:, :K].T)
+    scales = scales.reshape(N, k_blocks, 1)  # broadcast per block: the same products as repeating them
+    w = (codes.reshape(N, k_blocks, block) - zero[..., None]).astype(scales.dtype)
+    w *= scales
+    return w.reshape(N, k_blocks * block)[:, :K]
 
 
 def _rewire_nbits(model: ir.Model, enc: NBitsEncoding, targets: list[Target], taken: set[str],
-                  accuracy_level: int) -> int:
+                  accuracy_level: int, nodes: dict[str, ir.Node]) -> int:
+    """Replace the weight's MatMuls by MatMulNBits; ``nodes`` (name -> node, built once) is kept up to date."""
     graph = model.graph
     w = enc.weight_name
     old = graph.initializers.get(w)
@@ -182,7 +189,6 @@ def _rewire_nbits(model: ir.Model, enc: NBitsEncoding, targets: list[Target], ta
     scales = _const(graph, _unique(f"{w}_MatMulNBits_scales", taken), enc.scales)
     zp = None if enc.zero_points is None else _const(graph, _unique(f"{w}_MatMulNBits_zero_points", taken),
                                                       enc.zero_points)
-    nodes = {n.name: n for n in graph if n.name}
     attrs = {"K": enc.K, "N": enc.N, "bits": enc.bits, "block_size": enc.block_size,
              "accuracy_level": accuracy_level}
     for t in targets:
@@ -193,6 +199,7 @@ def _rewire_nbits(model: ir.Model, enc: NBitsEncoding, targets: list[Target], ta
                       attributes=attrs, domain=MS_DOMAIN, name=node.name)
         # the new output takes the old one's name, type, shape and consumers (graph outputs included)
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]])
+        nodes[t.name] = new
     if not old.uses() and not old.is_graph_output():
         graph.initializers.pop(w)
     return len(targets)
@@ -222,7 +229,8 @@ def export_matmulnbits(model: ir.Model, quantized: dict[str, QuantizedWeight], t
     else:
         model.metadata_props.update({str(k): str(v) for k, v in metadata.items()})
     taken = _all_names(model)
-    n = sum(_rewire_nbits(model, enc, ts, taken, accuracy_level) for enc, ts in nbits)
+    nodes = {n.name: n for n in model.graph if n.name}
+    n = sum(_rewire_nbits(model, enc, ts, taken, accuracy_level, nodes) for enc, ts in nbits)
     if nbits:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     props = model.metadata_props

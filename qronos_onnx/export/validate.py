@@ -25,7 +25,7 @@ from ..errors import ExportError
 from ..formats import QuantizedWeight
 from ..graph.io import data_path_for
 from ..graph.targets import Target
-from .matmulnbits import MS_DOMAIN, decode_matmulnbits
+from .matmulnbits import MS_DOMAIN, decode_matmulnbits_nk
 
 GOLDEN_CHUNK_BYTES = 256 * 2**20  # DQ outputs computed per golden sub-model
 
@@ -365,7 +365,7 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
             if node is None:
                 _fail(f"node {t.name!r} (consumer of weight {w!r}) is missing from the written file")
             if node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN:
-                _golden_nbits(node, _expected(t, qw, node), w)
+                _golden_nbits(node, _expected_nk(qw), w)
                 report.golden_engines["numpy-matmulnbits"] = report.golden_engines.get("numpy-matmulnbits", 0) + 1
                 n_nbits += 1
                 continue
@@ -401,13 +401,20 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
     report.n_weights = len(quantized)
 
 
+def _expected_nk(qw: QuantizedWeight) -> np.ndarray:
+    """The solver's dequantized weight in the layout MatMulNBits packs, [N, K] (no transposed copies)."""
+    return QuantizedWeight(qw.codes.detach().cpu(), qw.grid.to("cpu")).dequantize().numpy()
+
+
 def _golden_nbits(node: ir.Node, exp: np.ndarray, w: str) -> None:
-    got = decode_matmulnbits(node)
+    """The node's packed weight decoded in [N, K], compared with ``exp`` [N, K] to the bit (shapes named as the
+    [K, N] weight the node multiplies by)."""
+    got = decode_matmulnbits_nk(node)
     if got.dtype != exp.dtype or got.shape != exp.shape:
-        _fail(f"MatMulNBits {node.name!r} for weight {w!r} decodes to {got.dtype}{list(got.shape)}, expected "
-              f"{exp.dtype}{list(exp.shape)}")
-    if got.tobytes() != np.ascontiguousarray(exp).tobytes():
-        bad = got.view(f"u{got.itemsize}") != np.ascontiguousarray(exp).view(f"u{exp.itemsize}")
+        _fail(f"MatMulNBits {node.name!r} for weight {w!r} decodes to {got.dtype}{list(got.shape[::-1])}, expected "
+              f"{exp.dtype}{list(exp.shape[::-1])}")
+    bad = got.view(f"u{got.itemsize}") != exp.view(f"u{exp.itemsize}")  # the bits, without two byte copies
+    if bad.any():
         diff = float(np.max(np.abs(got.astype(np.float64) - exp.astype(np.float64))))
         _fail(f"MatMulNBits {node.name!r} for weight {w!r} differs from the solver's values at {int(bad.sum())} of "
               f"{bad.size} elements (max |diff| {diff:.3g})")

@@ -19,8 +19,8 @@ def make_grid(W: torch.Tensor, cfg: WeightQuantConfig, scale_dtype: torch.dtype 
 
     ``force_per_channel`` (Conv weights): int and MX grids get one scale per row (FP8 is per row anyway).
     """
-    bad = ~torch.isfinite(W)
-    if bool(bad.any()):
+    # one summing pass first: a NaN or Inf anywhere makes the sum non-finite (so can overflow: then look closer)
+    if not bool(torch.isfinite(W.sum())) and bool((bad := ~torch.isfinite(W)).any()):
         n_nan = int(torch.isnan(W).sum())
         raise ModelError(f"weight {name or '<unnamed>'!r} has {n_nan} NaN and {int(bad.sum()) - n_nan} Inf value(s) "
                          f"out of {W.numel()}; the model is broken, fix or exclude that node")

@@ -60,8 +60,15 @@ class IntGrid:
 
     def codes(self, values: torch.Tensor, cols: torch.Tensor | slice | int | None = None) -> torch.Tensor:
         """Integer codes (as float32) of ``values`` = ``W[..., :, cols]``: round half to even, then clamp."""
+        if cols is None and not self.per_channel:  # the whole weight: one scale per group, broadcast
+            v = values.float()
+            q = torch.empty(torch.broadcast_shapes(v.shape, self.scale.shape[:-1] + (self.cols,)), device=v.device)
+            for vp, qp, s, z in _group_parts(v, q, self):
+                torch.div(vp, s, out=qp)
+                qp.round_().add_(z)
+            return q.clamp_(self.qmin, self.qmax)
         s, z = self._params(cols)
-        return torch.clamp(torch.round(values.float() / s) + z, self.qmin, self.qmax)
+        return torch.round(values.float() / s).add_(z).clamp_(self.qmin, self.qmax)
 
     def decode(self, codes: torch.Tensor, cols: torch.Tensor | slice | int | None = None) -> torch.Tensor:
         s, z = self._params(cols)
@@ -73,6 +80,20 @@ class IntGrid:
 
     def slice_rows(self, rows: slice) -> "IntGrid":
         return _replace(self, scale=self.scale[..., rows, :], zero_point=self.zero_point[..., rows, :])
+
+
+def _group_parts(v: torch.Tensor, out: torch.Tensor, grid: IntGrid):
+    """(values, out, scale, zero point) views over the full groups ([..., rows, G, g]) and the short last group, so
+    that per-group parameters broadcast instead of being gathered into full-size copies (the same elementwise
+    operations on the same operands, so the same bits)."""
+    g, cols = grid.group_size, grid.cols
+    n_full = cols // g
+    full = n_full * g
+    if n_full:
+        yield (v[..., :full].unflatten(-1, (n_full, g)), out[..., :full].unflatten(-1, (n_full, g)),
+               grid.scale[..., :n_full, None], grid.zero_point[..., :n_full, None])
+    if full < cols:
+        yield v[..., full:], out[..., full:], grid.scale[..., n_full:], grid.zero_point[..., n_full:]
 
 
 def _replace(grid: IntGrid, **kw) -> IntGrid:

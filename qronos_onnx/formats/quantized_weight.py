@@ -5,7 +5,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .grid import IntGrid
+from .grid import IntGrid, _group_parts, _replace
+
+
+def _as_dtype(grid: IntGrid, dtype: torch.dtype) -> IntGrid:
+    """The grid with its scale in ``dtype`` and its zero point as int32 (dequantize's operands)."""
+    return _replace(grid, scale=grid.scale.to(dtype), zero_point=grid.zero_point.to(torch.int32))
 
 
 @dataclass
@@ -46,7 +51,12 @@ class QuantizedWeight:
         dtype = dtype or self.grid.scale_dtype
         if not isinstance(self.grid, IntGrid):
             return self.grid.decode(self.codes).to(dtype)
-        gi = self.grid.group_index()
-        scale = self.grid.scale[:, gi].to(dtype)
-        zero = self.grid.zero_point[:, gi].to(torch.int32)
-        return (self.codes.to(torch.int32) - zero).to(dtype) * scale
+        # one scale per group, broadcast instead of gathered into full-size copies: the same int32 differences and
+        # products as (codes - zero[:, gi]).to(dtype) * scale[:, gi], so the same bits
+        grid = _as_dtype(self.grid, dtype)
+        codes = self.codes.to(torch.int32)
+        out = torch.empty(codes.shape, dtype=dtype)
+        for c, o, s, z in _group_parts(codes, out, grid):
+            o.copy_(c - z)
+            o.mul_(s)
+        return out

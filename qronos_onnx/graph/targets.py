@@ -74,12 +74,13 @@ class Target:
 
     def to_matrix(self, weight: np.ndarray | torch.Tensor) -> torch.Tensor:
         """ONNX weight -> ``[groups, rows, cols]`` float32 torch tensor."""
-        w = torch.from_numpy(np.array(weight, dtype=np.float32, copy=True))
+        w = np.asarray(weight, dtype=np.float32)
         if self.op_type == "Conv":
-            return w.reshape(self.groups, self.out_channels // self.groups, self.in_features)
+            return torch.from_numpy(np.array(w, copy=True)).reshape(self.groups, self.out_channels // self.groups,
+                                                                    self.in_features)
         if not (self.op_type == "Gemm" and self.trans_b):
-            w = w.t()
-        return w.reshape(1, *w.shape)
+            w = w.T  # copied contiguous below: every later pass over a transposed view would be strided
+        return torch.from_numpy(np.array(w, order="C", copy=True)).reshape(1, *w.shape)
 
     def from_matrix(self, mat: torch.Tensor) -> torch.Tensor:
         """``[groups, rows, cols]`` (or ``[rows_total, cols]``) -> tensor in the ONNX weight layout."""

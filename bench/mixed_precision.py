@@ -6,7 +6,8 @@
 
 Rows: float; the uniform recipe; "first/last at 8": the first and the last target promoted (int4 -> int8 weights,
 and their activation quantizer with them); "depthwise at 8": every depthwise Conv promoted; --target-bits at the
-budget asked for and at each rule's own average bits (same bits, measured sensitivity instead of the rule).
+budget asked for and at each rule's own average bits (same bits, measured sensitivity instead of the rule), with
+the first of --methods; the other methods at the first budget only.
 Each quantization runs in this process; the table (top-1, average weight bits counted as precision/plan.py counts
 them, quantization time, sensitivity time) goes to bench/results/mixed_<name>.md and .json.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import tempfile
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--algo", default="qronos")
     p.add_argument("--target-bits", type=float, action="append", required=True)
     p.add_argument("--samples", type=int)
+    p.add_argument("--methods", default="in-context",
+                   help="comma-separated precision.sensitivity methods for the --target-bits rows "
+                        "(in-context, isolated); the first runs at every budget, the others at the first budget")
     p.add_argument("--name", required=True)
     args = p.parse_args(argv)
 
@@ -91,14 +96,23 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run(label, cfg))
             if label.startswith("rule"):
                 budgets.append(rows[-1]["bits"] + 1e-6)
+        methods = args.methods.split(",")
         for b in budgets:
-            rows.append(run(f"--target-bits {b:.3f}", base.override({"precision.target_bits": b})))
+            for i, method in enumerate(methods):
+                if i and b != budgets[0]:
+                    continue
+                label = f"--target-bits {b:.3f}" + (f" ({method})" if len(methods) > 1 else "")
+                rows.append(run(label, base.override({"precision.target_bits": b,
+                                                      "precision.sensitivity": method})))
 
     out_md = REPO / "bench" / "results" / f"mixed_{args.name}.md"
     lines = [f"# Mixed precision on {Path(args.model).name}: {args.recipe} ({args.algo})", "",
              "Command: `.venv/bin/python bench/mixed_precision.py " + " ".join(argv or sys.argv[1:]) + "`", "",
              f"Calibration {args.calib}, test {args.images}; bits = average storage bits per target weight (scales "
-             "and zero points counted); promotions int4 -> int8 with the activation quantizer promoted too.", "",
+             "and zero points counted); promotions to the next precision of the family (int4 -> int8, MXFP4 -> MXFP8) "
+             "with the activation quantizer promoted too. Top-1 on the whole test set through onnxruntime. "
+             f"Written {time.strftime('%Y-%m-%d %H:%M')}, load average at the end {os.getloadavg()[0]:.1f} "
+             f"on {os.cpu_count()} cores.", "",
              "| setting | top-1 | bits/weight | quant. time (s) | of which sensitivity (s) | promoted |",
              "|---|---|---|---|---|---|"]
     for r in rows:

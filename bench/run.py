@@ -257,8 +257,8 @@ def worker(spec_path: str) -> int:
     res = quantize(spec["model"], spec["calib"], spec["output"], cfg, tokenizer=spec.get("tokenizer"),
                    overwrite=True, quiet=True, checkpoint=spec.get("checkpoint", True))
     wall = time.perf_counter() - t0
-    errs = [r.rel_error for r in res.layers]
-    rtn = [r.rtn_rel_error for r in res.layers]
+    errs = [r.rel_error for r in res.layers if r.rel_error is not None]  # None: a data-free run
+    rtn = [r.rtn_rel_error for r in res.layers if r.rtn_rel_error is not None]
     out = {
         "wall_s": wall,
         "cpu_s": time.process_time() - cpu0,
@@ -271,6 +271,7 @@ def worker(spec_path: str) -> int:
         "mean_rel_error": sum(errs) / len(errs) if errs else None,
         "mean_rtn_rel_error": sum(rtn) / len(rtn) if rtn else None,
         "retries": sum(r.retries for r in res.layers),
+        "precision": {k: v for k, v in res.precision.items() if k != "sensitivity"},  # the bit budget's choices
         "config": cfg.to_dict(),
     }
     Path(spec["result"]).write_text(json.dumps(out, indent=2))

@@ -74,3 +74,21 @@ def test_a_failing_rank_stops_the_other(tmp_path):
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stderr
     assert not list((tmp_path / "dist").glob("*.onnx"))
+
+
+@pytest.mark.parametrize("env, argv, fragment", [
+    ({"WORLD_SIZE": "2"}, [], "add --distributed"),
+    ({"WORLD_SIZE": None, "MASTER_ADDR": None, "RANK": None}, ["--distributed"], "torchrun environment"),
+    ({"WORLD_SIZE": None}, ["--dist-timeout", "5"], "--dist-timeout applies only with --distributed"),
+])
+def test_launch_mistakes_are_one_line(tmp_path, monkeypatch, capsys, env, argv, fragment):
+    from qronos_onnx import cli
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v) if v is not None else monkeypatch.delenv(k, raising=False)
+    onnx.save(tm.cnn(), tmp_path / "cnn.onnx")
+    code = cli.main(["quantize", str(tmp_path / "cnn.onnx"), "--calib", str(tmp_path), "-o",
+                     str(tmp_path / "q.onnx"), "--quiet", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and fragment in err
+    assert not (tmp_path / "q.onnx").exists()

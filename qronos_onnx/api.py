@@ -20,7 +20,8 @@ from . import __version__
 from .calib import load_calibration
 from .capture import CaptureEngine
 from .capture.act_calib import plan_activations, required_opset
-from .checkpoint import open_checkpoint, read_manifest, sigterm_as_interrupt
+from .checkpoint import Checkpoint, checkpoint_dir, open_checkpoint, read_manifest, sigterm_as_interrupt
+from .dist import Distributed, DistributedError
 from .config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from .errors import ConfigError, ExportError, ModelError
 from .export import export_model, validate_export
@@ -143,7 +144,7 @@ def resolve_device(name: str) -> torch.device:
 @sigterm_as_interrupt
 def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config: QuantConfig | None = None, *,
              tokenizer: str | None = None, overwrite: bool = False, quiet: bool = False, resume: bool = False,
-             checkpoint: bool = True) -> QuantResult:
+             checkpoint: bool = True, distributed: Distributed | None = None) -> QuantResult:
     """Quantize ``model_path`` with calibration data ``calib`` and write the QDQ model to ``output_path``.
 
     ``calib`` is a directory of .npz files, one .npz, a text file (with ``tokenizer``), a list of feed dicts or an
@@ -154,7 +155,25 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
 
     After each wave the state is checkpointed in ``OUTPUT.qronos-resume/`` (``checkpoint=False``: not);
     ``resume=True`` continues an interrupted run from there, with a byte-identical output (see checkpoint.py).
+
+    ``distributed`` (dist.init_distributed(), one call per rank): the calibration chunks are split over the ranks
+    and the solver batches of each wave too; the output is byte-identical to one process's at the same torch thread
+    count. Only rank 0 writes (output, config, report); the others return the same layers with nothing written.
+    No checkpoints are kept (and ``resume`` is refused).
     """
+    if distributed is None:
+        return _quantize(model_path, calib, output_path, config, tokenizer=tokenizer, overwrite=overwrite,
+                         quiet=quiet, resume=resume, checkpoint=checkpoint, dist=None)
+    if resume:
+        raise ConfigError("--resume is not supported with --distributed (a distributed run keeps no checkpoint); "
+                          "rerun without --resume")
+    with distributed.failure_guard():
+        return _quantize(model_path, calib, output_path, config, tokenizer=tokenizer, overwrite=overwrite,
+                         quiet=quiet or not distributed.is_main, resume=False, checkpoint=False, dist=distributed)
+
+
+def _quantize(model_path, calib, output_path, config, *, tokenizer, overwrite, quiet, resume, checkpoint,
+              dist: Distributed | None) -> QuantResult:
     cfg = (config or QuantConfig()).validate()
     t_start = time.perf_counter()
     data_free = calib is None
@@ -279,20 +298,21 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
             t_round = _round_data_free(model, targets, cfg, device, quantized, reports, plans)
         t_capture = None
     else:
-        ckpt = open_checkpoint(out, model_path, samples, cfg.to_dict(), resume)
+        ckpt = (open_checkpoint(out, model_path, samples, cfg.to_dict(), resume) if dist is None or dist.is_main
+                else Checkpoint(checkpoint_dir(out), {}))  # ranks > 0 write nothing, not even a removal
         quantized.update(ckpt.quantized())
         reports.extend(LayerReport(**r) for r in ckpt.reports())
         t_round = 0.0
         with CaptureEngine(model, targets, samples, cfg.capture, device=device, stats_dtype=stats_dtype,
                            act_quant=acts.act_quant() if acts else None, graph_hook=acts.graph_hook if acts else None,
-                           quiet=quiet) as engine:
+                           quiet=quiet, dist=dist) as engine:
             total, done = sum(1 for w in engine.schedule.waves if w), ckpt.done
             if ckpt.manifest is not None:
                 engine.resume_from(ckpt.engine_state())
             try:
                 for wave_targets, stats in engine.waves():
                     t0 = time.perf_counter()
-                    new = _round_wave(model, wave_targets, stats, cfg, device, quantized, reports, plans)
+                    new = _round_wave(model, wave_targets, stats, cfg, device, quantized, reports, plans, dist)
                     t_round += time.perf_counter() - t0
                     engine.set_weights(new)
                     done += 1
@@ -310,6 +330,10 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
         t = by_name[r.nodes[0]]
         r.bits = round(storage_bits(t, plan.weights) / math.prod(t.matrix_shape), 4)
     mixed = is_mixed({n: plans[n] for n in chosen})
+    if dist is not None and not dist.is_main:  # rank 0 writes the files; this rank has the same layers
+        return QuantResult(output_path=out, config_path=out.with_name(out.name + ".config.yaml"),
+                           report_path=out.with_name(out.name + ".report.json"), config=cfg, layers=reports,
+                           timings={"total": time.perf_counter() - t_start}, n_samples=len(samples))
 
     t0 = time.perf_counter()
     metadata = {
@@ -368,6 +392,7 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
                      **({"act_calibration": t_act_calib} if acts and not cfg.activations.dynamic else {}),
                      **({"capture": t_capture} if t_capture is not None else {}), "rounding": t_round,
                      **({"checkpoint": ckpt.seconds} if checkpoint and ckpt is not None else {}),
+                     **({"communication": dist.seconds} if dist is not None else {}),
                      "export": t_export,
                      "total": time.perf_counter() - t_start},
             n_samples=len(samples),
@@ -577,8 +602,9 @@ class _Unit:
 
 def _round_wave(model, wave_targets: list[Target], stats: dict | None, cfg: QuantConfig, device: torch.device,
                 quantized: dict[str, QuantizedWeight], reports: list[LayerReport],
-                plans: dict[str, LayerPlan] | None = None) -> dict[str, np.ndarray]:
-    """Round one wave's weights; ``stats`` None: data-free RTN (no errors measured)."""
+                plans: dict[str, LayerPlan] | None = None, dist: Distributed | None = None) -> dict[str, np.ndarray]:
+    """Round one wave's weights; ``stats`` None: data-free RTN (no errors measured); ``dist``: spread the solver
+    batches over the ranks."""
     plans = plans or {t.name: LayerPlan(cfg.weights, cfg.activations) for t in wave_targets}
     by_weight: dict[str, list[Target]] = {}
     for t in wave_targets:
@@ -602,73 +628,119 @@ def _round_wave(model, wave_targets: list[Target], stats: dict | None, cfg: Quan
         st = stats[name] if stats is not None else no_stats.setdefault((t.input_name, t.conv), _NoStats())
         todo.append(_Unit([name], ts, W, grid, st, [W.shape[1]], LayerPlan(plan.weights, plan.activations)))
 
-    for batch in _batches(_merge_shared_inputs(todo)):
-        W = torch.cat([u.W for u in batch])  # [B, rows, cols]
-        grid = _cat_grids([u.grid for u in batch])
-        measured = stats is not None
-        H, G, F = ((torch.cat([getattr(u.stats, m) for u in batch]).to(device) if measured else None)
-                   for m in "HGF")
-        t0 = time.perf_counter()
-        plan = batch[0].plan
-        V = W  # MagR (spec §4.5, §2.4): grid and solver start from V = MagR(W) on the float F; W stays the reference
-        if cfg.transforms.magr is not None:
-            V, grid = magr_batch(batch, W, F, dataclasses.replace(cfg, weights=plan.weights), device)
-        n_tokens = [u.stats.n_tokens for u in batch for _ in range(u.W.shape[0])]
-        # the solver's GEMMs (and MagR's, and the errors') run on the caller's threads: skinny GEMMs (a few columns,
-        # many rows or tokens) give other bits on one thread than on two
-        res = round_weights(V.to(device), grid.to(device), H, G, cfg.rounding, act_quant=plan.activations.enabled,
-                            seed=cfg.seed, n_tokens=n_tokens, device=device, W0=None if V is W else W.to(device))
-        seconds = (time.perf_counter() - t0) / len(batch)
-        if measured:
-            with torch_threads(1):
-                grid_d = grid.to(device)
-                Q = grid_d.decode(res.codes.to(device).float())
-                Wd = W.to(device).float()
-                # errors are against the original W either way; RTN's own codes are the RTN candidate (measure once)
-                Q_rtn = Q if cfg.rounding.algorithm == "rtn" else grid_d.round(V.to(device).float())
-            errs = [e.cpu() for e in reconstruction_errors(Wd, [Q] if Q_rtn is Q else [Q, Q_rtn], H, G, F)]
-            err, rtn_err = errs[0], errs[-1]
-        codes = res.codes.cpu()
-        b0 = 0
-        for u in batch:
-            g = u.W.shape[0]
-            sl = slice(b0, b0 + g)
-            info = res.info[b0]
-            # per-unit error: combine conv groups by their share of ||XW||^2 (equal weight is close enough here)
-            e, e_rtn = (float(err[sl].mean()), float(rtn_err[sl].mean())) if measured else (None, None)
-            r0 = 0
-            for name, rows in zip(u.names, u.row_splits):
-                if len(u.names) > 1 and measured:  # q, k and v solved as one problem: each its own rows' error
-                    rs = slice(r0, r0 + rows)
-                    errs = [float(x.mean()) for x in reconstruction_errors(
-                        Wd[sl, rs], [Q[sl, rs]] if Q_rtn is Q else [Q[sl, rs], Q_rtn[sl, rs]], H[sl], G[sl], F[sl])]
-                    e, e_rtn = errs[0], errs[-1]
-                ucodes = codes[sl, r0 : r0 + rows]  # [groups, rows, cols]
-                ugrid = grid.slice_rows(slice(r0, r0 + rows))
-                qw = QuantizedWeight(
-                    codes=ucodes.reshape(-1, ucodes.shape[-1]),
-                    grid=_flat_grid(dataclasses.replace(ugrid, scale=ugrid.scale[sl],
-                                                        zero_point=ugrid.zero_point[sl])),
-                    info={**info, "rel_error": e, "rtn_rel_error": e_rtn},
-                )
-                quantized[name] = qw
-                ts = [t for t in u.targets if t.weight_name == name]
-                if measured:  # a data-free run has no quant stream to feed
-                    with torch_threads(1):
-                        new[name] = _onnx_weight(ts[0], qw)
-                reports.append(LayerReport(
-                    weight=name, nodes=[t.name for t in ts], shape=list(ts[0].weight_shape),
-                    algorithm=cfg.rounding.algorithm, rel_error=e, rtn_rel_error=e_rtn,
-                    damping=info.get("damping"), retries=int(info.get("retries", 0)),
-                    status=str(info.get("status", "ok")), seconds=seconds,
-                    note=(_data_note(u.stats.n_tokens, u.W.shape[-1], cfg.rounding.algorithm) if measured
-                          else "rel_error " + DATA_FREE_NOTE),
-                    alpha=info.get("alpha"), n_tokens=int(u.stats.n_tokens),
-                    group_size=int(getattr(ugrid, "group_size", 0) or 0),
-                ))
-                r0 += rows
-            b0 += g
+    batches = _batches(_merge_shared_inputs(todo))
+    # distributed: each batch is solved whole by one rank (the same call a single process makes, so the same bits)
+    # and its result broadcast, so that every rank records the same codes and feeds its stream the same weights
+    owners = dist.owners([_solve_cost(b) for b in batches]) if dist is not None else [0] * len(batches)
+    solved = [_solve_batch(batch, stats is not None, cfg, device) if dist is None or owner == dist.rank else None
+              for batch, owner in zip(batches, owners)]
+    if dist is not None:
+        solved = [dist.broadcast_object(s, src=owner) for s, owner in zip(solved, owners)]
+    for batch, s in zip(batches, solved):
+        _record_batch(batch, s, cfg, quantized, reports, new)
     return new
+
+
+def _solve_cost(batch: list[_Unit]) -> float:
+    """Relative solve time of a batch (factorization ~cols^3, column loop ~rows*cols^2), to balance the ranks."""
+    return float(sum(u.W.shape[0] * (u.W.shape[2] ** 3 + u.W.shape[1] * u.W.shape[2] ** 2) for u in batch))
+
+
+@dataclass
+class _Solved:
+    """One solver batch's outcome: all that recording it needs, with nothing left that needs H, G or F."""
+
+    codes: torch.Tensor  # [B, rows, cols] int16
+    grid: IntGrid  # the batch's grid (MagR may refit it)
+    info: list[dict]
+    errors: list[list[tuple[float | None, float | None]]]  # per unit, per weight name: (error, rtn error)
+    seconds: float
+
+
+def _solve_batch(batch: list[_Unit], measured: bool, cfg: QuantConfig, device: torch.device) -> _Solved:
+    W = torch.cat([u.W for u in batch])  # [B, rows, cols]
+    grid = _cat_grids([u.grid for u in batch])
+    H, G, F = ((torch.cat([getattr(u.stats, m) for u in batch]).to(device) if measured else None)
+               for m in "HGF")
+    t0 = time.perf_counter()
+    plan = batch[0].plan
+    V = W  # MagR (spec §4.5, §2.4): grid and solver start from V = MagR(W) on the float F; W stays the reference
+    if cfg.transforms.magr is not None:
+        V, grid = magr_batch(batch, W, F, dataclasses.replace(cfg, weights=plan.weights), device)
+    n_tokens = [u.stats.n_tokens for u in batch for _ in range(u.W.shape[0])]
+    # the solver's GEMMs (and MagR's, and the errors') run on the caller's threads: skinny GEMMs (a few columns,
+    # many rows or tokens) give other bits on one thread than on two
+    res = round_weights(V.to(device), grid.to(device), H, G, cfg.rounding, act_quant=plan.activations.enabled,
+                        seed=cfg.seed, n_tokens=n_tokens, device=device, W0=None if V is W else W.to(device))
+    seconds = (time.perf_counter() - t0) / len(batch)
+    errors: list[list[tuple[float | None, float | None]]] = []
+    if measured:
+        with torch_threads(1):
+            grid_d = grid.to(device)
+            Q = grid_d.decode(res.codes.to(device).float())
+            Wd = W.to(device).float()
+            # errors are against the original W either way; RTN's own codes are the RTN candidate (measure once)
+            Q_rtn = Q if cfg.rounding.algorithm == "rtn" else grid_d.round(V.to(device).float())
+        errs = [e.cpu() for e in reconstruction_errors(Wd, [Q] if Q_rtn is Q else [Q, Q_rtn], H, G, F)]
+        err, rtn_err = errs[0], errs[-1]
+    b0 = 0
+    for u in batch:
+        g = u.W.shape[0]
+        sl = slice(b0, b0 + g)
+        # per-unit error: combine conv groups by their share of ||XW||^2 (equal weight is close enough here)
+        e, e_rtn = (float(err[sl].mean()), float(rtn_err[sl].mean())) if measured else (None, None)
+        unit: list[tuple[float | None, float | None]] = []
+        r0 = 0
+        for rows in u.row_splits:
+            if len(u.names) > 1 and measured:  # q, k and v solved as one problem: each its own rows' error
+                rs = slice(r0, r0 + rows)
+                errs = [float(x.mean()) for x in reconstruction_errors(
+                    Wd[sl, rs], [Q[sl, rs]] if Q_rtn is Q else [Q[sl, rs], Q_rtn[sl, rs]], H[sl], G[sl], F[sl])]
+                e, e_rtn = errs[0], errs[-1]
+            unit.append((e, e_rtn))
+            r0 += rows
+        errors.append(unit)
+        b0 += g
+    return _Solved(codes=res.codes.cpu(), grid=grid.to("cpu"), info=res.info, errors=errors, seconds=seconds)
+
+
+def _record_batch(batch: list[_Unit], s: _Solved, cfg: QuantConfig, quantized: dict[str, QuantizedWeight],
+                  reports: list[LayerReport], new: dict[str, np.ndarray]) -> None:
+    """QuantizedWeights, report rows and the quant stream's weights of one solved batch."""
+    codes, grid = s.codes, s.grid
+    b0 = 0
+    for u, unit_errors in zip(batch, s.errors or [[(None, None)] * len(u.names) for u in batch]):
+        measured = u.stats.H is not None
+        g = u.W.shape[0]
+        sl = slice(b0, b0 + g)
+        info = s.info[b0]
+        r0 = 0
+        for name, rows, (e, e_rtn) in zip(u.names, u.row_splits, unit_errors):
+            ucodes = codes[sl, r0 : r0 + rows]  # [groups, rows, cols]
+            ugrid = grid.slice_rows(slice(r0, r0 + rows))
+            qw = QuantizedWeight(
+                codes=ucodes.reshape(-1, ucodes.shape[-1]),
+                grid=_flat_grid(dataclasses.replace(ugrid, scale=ugrid.scale[sl],
+                                                    zero_point=ugrid.zero_point[sl])),
+                info={**info, "rel_error": e, "rtn_rel_error": e_rtn},
+            )
+            quantized[name] = qw
+            ts = [t for t in u.targets if t.weight_name == name]
+            if measured:  # a data-free run has no quant stream to feed
+                with torch_threads(1):
+                    new[name] = _onnx_weight(ts[0], qw)
+            reports.append(LayerReport(
+                weight=name, nodes=[t.name for t in ts], shape=list(ts[0].weight_shape),
+                algorithm=cfg.rounding.algorithm, rel_error=e, rtn_rel_error=e_rtn,
+                damping=info.get("damping"), retries=int(info.get("retries", 0)),
+                status=str(info.get("status", "ok")), seconds=s.seconds,
+                note=(_data_note(u.stats.n_tokens, u.W.shape[-1], cfg.rounding.algorithm) if measured
+                      else "rel_error " + DATA_FREE_NOTE),
+                alpha=info.get("alpha"), n_tokens=int(u.stats.n_tokens),
+                group_size=int(getattr(ugrid, "group_size", 0) or 0),
+            ))
+            r0 += rows
+        b0 += g
 
 
 @dataclass

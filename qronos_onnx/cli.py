@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUTPUT.qronos-resume/); the result is byte-identical to an uninterrupted run")
     q.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
                    help="do not checkpoint after each wave (saves the disk space and write time; no --resume)")
+    q.add_argument("--distributed", action="store_true",
+                   help="one rank of a torchrun launch (torchrun --nproc-per-node N -m qronos_onnx quantize ... "
+                        "--distributed): calibration and solves split over the ranks, gloo on CPU, NCCL on CUDA; "
+                        "rank 0 writes a file byte-identical to one process's (docs/scaling.md)")
+    q.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --distributed: how long a rank waits for another before failing (default 1800)")
 
     i = sub.add_parser("inspect", help="list a model's opset, inputs and quantizable nodes")
     i.add_argument("model")
@@ -240,6 +246,18 @@ def _quantize(args: argparse.Namespace) -> int:
     from .api import quantize
 
     cfg = config_from_args(args)
+    dist = _distributed(args, cfg)
+    if dist is not None:
+        try:
+            with genai.cache_dims(args.model):
+                result = quantize(args.model, args.calib, args.output, cfg, tokenizer=args.tokenizer,
+                                  overwrite=args.overwrite, quiet=args.quiet, resume=args.resume,
+                                  checkpoint=args.checkpoint, distributed=dist)
+        finally:
+            dist.close()
+        if not args.quiet and dist.is_main:
+            print(format_summary(result))
+        return 0
     if Path(args.model).is_dir():  # an onnxruntime-genai folder in, a genai folder out (genai.py)
         cfg = genai.default_dialect(cfg, dialect_given=bool(args.dialect))
         result = genai.quantize_folder(args.model, args.calib, args.output, cfg, tokenizer=args.tokenizer,
@@ -253,6 +271,24 @@ def _quantize(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_summary(result))
     return 0
+
+
+def _distributed(args: argparse.Namespace, cfg):
+    """The process group for --distributed (None without it); a torchrun launch without the flag is refused, since
+    every rank would then write the same output."""
+    from .dist import DEFAULT_TIMEOUT, init_distributed, torchrun_world
+
+    if not args.distributed:
+        if args.dist_timeout is not None:
+            raise ConfigError("--dist-timeout applies only with --distributed")
+        if torchrun_world() > 1:
+            raise ConfigError(f"launched as one of {torchrun_world()} torchrun ranks without --distributed: every "
+                              "rank would quantize and write the same output; add --distributed")
+        return None
+    if Path(args.model).is_dir():
+        raise ConfigError("--distributed takes an ONNX model file, not an onnxruntime-genai folder; give the "
+                          "folder's decoder .onnx file")
+    return init_distributed(cfg.device, args.dist_timeout if args.dist_timeout is not None else DEFAULT_TIMEOUT)
 
 
 def format_summary(result, top: int = 10) -> str:

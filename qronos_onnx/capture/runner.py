@@ -288,7 +288,7 @@ class CaptureEngine:
                  cfg: CaptureConfig, *, device: str | torch.device = "cpu", stats_dtype: torch.dtype = torch.float32,
                  act_quant: ActQuant | None = None, quiet: bool = False, keep_inputs: bool = False,
                  graph_hook: GraphHook | None = None, providers: Sequence[str] | None = None,
-                 tmp_dir: str | os.PathLike | None = None):
+                 tmp_dir: str | os.PathLike | None = None, dist=None):
         cfg.validate()
         self.model, self.targets, self.cfg = model, list(targets), cfg
         self.schedule: Schedule = build_schedule(model, self.targets)
@@ -303,6 +303,10 @@ class CaptureEngine:
         self._index = graph_lookup(model.graph)
         self._values = self._index[0]
         self._chunks = make_chunks(samples, self.schedule.graph_inputs, self._values, cfg.batch_size)
+        # dist.Distributed: this rank runs its contiguous block of the chunks a single process would make, and the
+        # statistics are summed over ranks in chunk order (dist.py); chunk numbers stay global
+        self.dist = dist
+        self._mine = dist.shard(len(self._chunks)) if dist is not None else range(len(self._chunks))
         self.n_samples = len(samples)
         self._store = FrontierStore(cfg.max_memory, tmp_dir)
         self._target_of_weight = {t.weight_name: t for t in self.targets}
@@ -369,7 +373,8 @@ class CaptureEngine:
                 start = self._restore_state()
                 bar.update(start)
             else:
-                for c, chunk in enumerate(self._chunks):
+                for c in self._mine:
+                    chunk = self._chunks[c]
                     for n, arr in chunk.feeds.items():
                         if n in chunk.owned:
                             self._store.put(("shared", n, c), arr)
@@ -452,7 +457,8 @@ class CaptureEngine:
         groups: dict[tuple, list[Target]] = {}
         for t in wave:
             groups.setdefault((t.input_name, t.conv), []).append(t)
-        accs = {key: StatsAccumulator(ts[0].groups, ts[0].in_features, self.device, self.stats_dtype)
+        hold = self.dist is not None and self.dist.rank > 0  # partials wait for the sums of the ranks before
+        accs = {key: StatsAccumulator(ts[0].groups, ts[0].in_features, self.device, self.stats_dtype, hold=hold)
                 for key, ts in groups.items()}
         if self.keep_inputs:
             for t in wave:
@@ -464,7 +470,7 @@ class CaptureEngine:
             w_float, w_quant = _to_cuda(w_float), _to_cuda(w_quant)
         f_stream = "quant" if local else "float"
         dying = self._dying.get(w, [])
-        for c in range(len(self._chunks)):
+        for c in self._mine:
             q_out: dict[str, np.ndarray] = {}
             f_out: dict[str, np.ndarray] = {}
             if not seg.empty:
@@ -520,8 +526,16 @@ class CaptureEngine:
                     store.drop((stream, name, c))
         for name in [n for n in self._quant_w if sched.weight_last_use.get(n, -1) <= w]:
             del self._quant_w[name]
+        if self.dist is not None:
+            self._reduce(accs)
         with torch_threads(1):  # divisions of N x N sums: elementwise
             return self._finalize(wave, groups, accs)
+
+    def _reduce(self, accs: dict[tuple, StatsAccumulator]) -> None:
+        """Every rank's sums become the sums over all chunks, added in chunk order (dist.Distributed.ordered_sum)."""
+        for acc in accs.values():  # the same keys in the same order on every rank (the wave's targets)
+            (acc.H, acc.G, acc.F), acc.n = self.dist.ordered_sum(acc.held, [acc.H, acc.G, acc.F], acc.n)
+            acc.held = []
 
     def _finalize(self, wave: list[Target], groups: dict[tuple, list[Target]],
                   accs: dict[tuple, StatsAccumulator]) -> dict[str, LayerStats]:

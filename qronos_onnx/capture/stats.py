@@ -43,16 +43,24 @@ def tokens(x: np.ndarray, target: Target, device: torch.device | str, dtype: tor
 
 
 class StatsAccumulator:
-    """Running sums of X~^T X~, X~^T X and X^T X for one (input tensor, conv parameters) pair."""
+    """Running sums of X~^T X~, X~^T X and X^T X for one (input tensor, conv parameters) pair.
+
+    Each batch's products are computed alone and then added to the sums, batch after batch: the result is the
+    ordered sum of per-batch partials, which a distributed run reproduces bit for bit by adding the same partials
+    in the same order (dist.py). ``hold`` keeps the partials instead (a rank > 0 adds them once the sums of the
+    ranks before it arrive).
+    """
 
     def __init__(self, groups: int, n_features: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, hold: bool = False):
         shape = (groups, n_features, n_features)
         self.device, self.dtype = torch.device(device), dtype
         self.H = torch.zeros(shape, device=device, dtype=dtype)
         self.G = torch.zeros(shape, device=device, dtype=dtype)
         self.F = torch.zeros(shape, device=device, dtype=dtype)
         self.n = 0
+        self.hold = hold
+        self.held: list[list[torch.Tensor]] = []  # [H, G, F] partials of each batch, in order (hold=True)
 
     def add(self, x_tilde: torch.Tensor, x: torch.Tensor, same: bool = False) -> None:
         """Fold one batch of token rows ``[groups, n, N]``; ``same`` says x is x_tilde (one Gram instead of three)."""
@@ -60,16 +68,18 @@ class StatsAccumulator:
             raise ModelError(f"float and quantized inputs differ in shape ({tuple(x.shape)} vs "
                              f"{tuple(x_tilde.shape)}); data-dependent shapes are not supported")
         xt = x_tilde.transpose(1, 2)
+        self.n += x_tilde.shape[1]
         if same:
             gram = torch.bmm(xt, x_tilde)
-            self.H += gram
-            self.G += gram
-            self.F += gram
-        else:
-            self.H.baddbmm_(xt, x_tilde)
-            self.G.baddbmm_(xt, x)
-            self.F.baddbmm_(x.transpose(1, 2), x)
-        self.n += x_tilde.shape[1]
+            products = [lambda: gram] * 3
+        else:  # one N x N product alive at a time when folding
+            products = [lambda: torch.bmm(xt, x_tilde), lambda: torch.bmm(xt, x),
+                        lambda: torch.bmm(x.transpose(1, 2), x)]
+        if self.hold:
+            self.held.append([make() for make in products])
+            return
+        for total, make in zip((self.H, self.G, self.F), products):
+            total += make()
 
     def finalize(self, inplace: bool = False) -> LayerStats:
         return finalize([self], inplace=inplace)

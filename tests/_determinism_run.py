@@ -2,8 +2,9 @@
 
     python tests/_determinism_run.py OUT_DIR [--set-threads N] CONFIG ...
 
-CONFIG = MODEL:ALGO-RECIPE[-gGROUP][-bBATCH], MODEL = transformer (the tiny transformer, d=128) or cnn (tests/
-tiny_models.tall_cnn: tall im2col matrices); bBATCH sets capture.batch_size (8 samples = 512 token rows per GEMM).
+CONFIG = MODEL:ALGO-RECIPE[-gGROUP][-bBATCH], MODEL = transformer (the tiny transformer, d=128, 64 tokens a
+sample), transformer-long (d=64, 128 tokens a sample) or cnn (tests/tiny_models.tall_cnn: tall im2col matrices);
+bBATCH sets capture.batch_size (transformer-long with b8: 1024 token rows per statistics GEMM).
 ``--set-threads N``: the caller sets torch.set_num_threads(N) before quantizing, as a library user might; every
 quantize() must hand that count back.
 
@@ -32,8 +33,10 @@ D = 128  # wide enough that MKL's Cholesky and onnxruntime's MatMul block their 
 def models(out_dir: Path) -> dict:
     """name -> (model file, calibration)."""
     onnx.save(tm.transformer(n_blocks=3, d=D, ffn=2 * D), out_dir / "transformer.onnx")
+    onnx.save(tm.transformer(n_blocks=2, d=D // 2, ffn=D), out_dir / "transformer-long.onnx")
     onnx.save(tm.tall_cnn(), out_dir / "cnn.onnx")
     return {"transformer": (out_dir / "transformer.onnx", tm.transformer_inputs(n=8, seq=64, d=D)),
+            "transformer-long": (out_dir / "transformer-long.onnx", tm.transformer_inputs(n=8, seq=128, d=D // 2)),
             "cnn": (out_dir / "cnn.onnx", tm.tall_cnn_inputs(n=4))}
 
 

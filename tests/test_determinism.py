@@ -5,8 +5,9 @@ before torch loads; one run also has the caller change torch.set_num_threads its
 pinned to one CPU, which changes what onnxruntime would pick by default (the core count): capture.threads must make
 that irrelevant, for onnxruntime's threads and torch's alike (quantize() pins torch to capture.threads, threads.py).
 Before LAPACK ran on one thread and the capture threads were fixed, 14-23 % of the tiny transformer's codes
-differed here; before torch's threads were pinned, the CNN with tall im2col matrices (Qronos: 978 of 11424 codes)
-and the transformer with 8-sample chunks (Qronos) did.
+differed here; before torch's threads were pinned, Qronos's codes did on the CNN with tall im2col matrices (978 of
+11424 at 1 vs 2 threads) and on the transformer with 1024-token chunks (6555 of 85120). GPTQ's did not in these
+cases (it reads only X̃ᵀX̃, whose last-bit differences it did not turn into other codes); it is checked all the same.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).with_name("_determinism_run.py")
-CONFIGS = ["transformer:qronos-w4", "transformer:gptq-w4a8-g32", "transformer:qronos-w4-b8", "cnn:qronos-w4",
+CONFIGS = ["transformer:qronos-w4", "transformer:gptq-w4a8-g32", "transformer-long:qronos-w4-b8", "cnn:qronos-w4",
            "cnn:gptq-w4"]
 
 
@@ -84,7 +85,7 @@ def test_the_runs_did_quantize(runs):
     """Guard against a vacuous pass: the files hold real 4-bit codes, not copies of one another's inputs."""
     info = runs["t2"][1]
     for config in CONFIGS:
-        assert info["n_codes"][config] > (100_000 if config.startswith("transformer") else 10_000)
+        assert info["n_codes"][config] > 10_000
 
 
 def test_quantize_pins_torch_threads_and_restores_them(tmp_path, monkeypatch):

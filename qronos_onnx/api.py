@@ -38,7 +38,7 @@ from .graph.model import load_model, read_initializer
 from .graph.schedule import build_schedule
 from .precision import (LayerPlan, apply_target_bits, average_bits, is_mixed, promote, resolve_plan,
                         storage_bits)
-from .threads import torch_threads
+from .threads import pinned_threads, torch_threads
 from .transforms import TransformLog
 from .transforms.fused import FusedRotationUnsupported, fuse_rotations
 from .transforms.magr import magr_batch
@@ -157,9 +157,9 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
     ``resume=True`` continues an interrupted run from there, with a byte-identical output (see checkpoint.py).
 
     ``distributed`` (dist.init_distributed(), one call per rank): the calibration chunks are split over the ranks
-    and the solver batches of each wave too; the output is byte-identical to one process's at the same torch thread
-    count. Only rank 0 writes (output, config, report); the others return the same layers with nothing written.
-    No checkpoints are kept (and ``resume`` is refused).
+    and the solver batches of each wave too; the output is byte-identical to one process's (every rank pins torch's
+    threads to ``capture.threads`` as one process does). Only rank 0 writes (output, config, report); the others
+    return the same layers with nothing written. No checkpoints are kept (and ``resume`` is refused).
     """
     if distributed is None:
         return _quantize(model_path, calib, output_path, config, tokenizer=tokenizer, overwrite=overwrite,
@@ -172,9 +172,17 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
                          quiet=quiet or not distributed.is_main, resume=False, checkpoint=False, dist=distributed)
 
 
-def _quantize(model_path, calib, output_path, config, *, tokenizer, overwrite, quiet, resume, checkpoint,
-              dist: Distributed | None) -> QuantResult:
+def _quantize(model_path, calib, output_path, config, **kwargs) -> QuantResult:
     cfg = (config or QuantConfig()).validate()
+    # torch's thread count changes a GEMM's last bits, and the solvers turn those into other codes: the whole run
+    # (statistics, solvers, grids, transforms, sensitivity) uses the count capture.threads gives onnxruntime, not
+    # the machine's or the caller's, which is restored afterwards (threads.py)
+    with torch_threads(pinned_threads(cfg.capture.threads)):
+        return _quantize_pinned(model_path, calib, output_path, cfg, **kwargs)
+
+
+def _quantize_pinned(model_path, calib, output_path, cfg: QuantConfig, *, tokenizer, overwrite, quiet, resume,
+                     checkpoint, dist: Distributed | None) -> QuantResult:
     t_start = time.perf_counter()
     data_free = calib is None
     if data_free and calibration_needs(cfg):

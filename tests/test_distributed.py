@@ -1,8 +1,9 @@
 """torchrun with 2 gloo ranks writes the same bytes as one process (tiny transformer and CNN, Qronos and GPTQ).
 
 The statistics are ordered sums of per-chunk partials on one process as on several (dist.py), and each solver batch
-is solved whole on one rank, so equality is exact; both sides run torch on one thread (a skinny GEMM's bits depend
-on the thread count). One torchrun launch runs every case (its start-up is most of the cost).
+is solved whole on one rank, so equality is exact. A skinny GEMM's bits depend on torch's thread count: the ranks
+start on one thread (OMP_NUM_THREADS=1), the reference on two, and quantize() pins both to capture.threads. One
+torchrun launch runs every case (its start-up is most of the cost).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
 
 from tests import tiny_models as tm
 from tests._dist_run import CASES, run_case
@@ -28,7 +30,7 @@ def _torchrun(root: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, one_torch_thread):
+def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     onnx.save(tm.transformer(n_blocks=2, d=32, ffn=64), root / "transformer.onnx")
     onnx.save(tm.cnn(), root / "cnn.onnx")
@@ -38,7 +40,12 @@ def runs(tmp_path_factory, one_torch_thread):
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     single = root / "single"
     single.mkdir()
-    results = {name: run_case(name, root, single / f"{name}.onnx") for name in CASES}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the ranks' count: the pinning must make it irrelevant
+    try:
+        results = {name: run_case(name, root, single / f"{name}.onnx") for name in CASES}
+    finally:
+        torch.set_num_threads(before)
     return root, {x["rank"]: x["wrote"] for x in lines}, results
 
 

@@ -160,3 +160,42 @@ def token_decoder(tied: bool, vocab: int = 96, d: int = 64, ffn: int = 80, n_blo
 def token_inputs(n: int = 6, seq: int = 16, vocab: int = 96, seed: int = 1) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [{"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64)} for _ in range(n)]
+
+
+def tall_cnn(c: int = 32, hw: int = 32, seed: int = 0) -> onnx.ModelProto:
+    """3 -> c conv, c -> c strided conv, c -> c 1x1 conv, global average pool, Gemm: tall im2col matrices (hw² rows per
+    image), the shape whose torch GEMMs (X^T X over many rows) give other bits on one thread than on two."""
+    rng = np.random.default_rng(seed)
+    f = np.float32
+    inits = [
+        _init("c1_w", (rng.standard_normal((c, 3, 3, 3)) / 5).astype(f)), _init("c1_b", np.zeros(c, f)),
+        _init("c2_w", (rng.standard_normal((c, c, 3, 3)) / np.sqrt(9 * c)).astype(f)),
+        _init("c3_w", (rng.standard_normal((c, c, 1, 1)) / np.sqrt(c)).astype(f)),
+        _init("c3_b", (rng.standard_normal(c) / 10).astype(f)),
+        _init("fc_w", (rng.standard_normal((10, c)) / np.sqrt(c)).astype(f)), _init("fc_b", np.zeros(10, f)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["img", "c1_w", "c1_b"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "c2_w"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "c3_w", "c3_b"], ["c3"], name="conv3"),
+        helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+        helper.make_node("GlobalAveragePool", ["r3"], ["pool"], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], axis=1, name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1, name="fc"),
+    ]
+    inputs = [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["batch", 3, hw, hw])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])]
+    return _model(nodes, inputs, outputs, inits)
+
+
+def tall_cnn_inputs(n: int = 4, hw: int = 32, batch: int = 4, seed: int = 1) -> list[dict]:
+    """Smooth images (noise summed along both axes, like natural images' neighbouring pixels): nearly collinear
+    im2col columns, an ill-conditioned X^T X whose last bits the solvers amplify."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        img = rng.standard_normal((batch, 3, hw, hw)).cumsum(axis=2).cumsum(axis=3) / hw
+        out.append({"img": (img + 0.01 * rng.standard_normal(img.shape)).astype(np.float32)})
+    return out

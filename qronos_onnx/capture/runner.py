@@ -29,7 +29,7 @@ from ..errors import CalibrationError, ModelError
 from ..graph.model import read_initializer
 from ..graph.schedule import Schedule, Segment, build_schedule
 from ..graph.targets import Target
-from ..threads import torch_threads
+from ..threads import pinned_threads, torch_threads
 from .frontier import FrontierStore
 from .stats import LayerStats, StatsAccumulator, finalize, tokens
 
@@ -48,13 +48,6 @@ def default_providers() -> list[str]:
     if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 GraphLookup = tuple[dict[str, ir.Value], dict[str, ir.Node]]
@@ -139,7 +132,7 @@ class SegmentRunner:
         seg_model, externals = build_segment_model(model, segment, input_arrays, graph_hook, index)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads or _cores()
+        so.intra_op_num_threads = pinned_threads(threads or 0)
         so.log_severity_level = 3
         # no busy-waiting between calls: torch folds the statistics on the same cores right after each call
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -506,7 +499,7 @@ class CaptureEngine:
                 with torch_threads(1):  # reshapes and im2col copies: memory-bound (threads.py)
                     tq = tokens(xq, ts[0], self.device, self.stats_dtype)
                     tf = tq if same else tokens(xf, ts[0], self.device, self.stats_dtype)
-                accs[key].add(tq, tf, same=same)  # GEMMs on the caller's threads: their bits depend on the count
+                accs[key].add(tq, tf, same=same)  # GEMMs on the run's pinned threads (threads.py)
                 if self.keep_inputs:
                     for t in ts:
                         self.kept_inputs[t.name].x_tilde.append(np.array(xq))

@@ -154,15 +154,7 @@ def build_schedule(model: ir.Model, targets: list[Target]) -> Schedule:
     if missing:
         raise ModelError(f"target node(s) {', '.join(missing[:5])} are not in the model's main graph")
 
-    # depth of every node (longest path counted in targets)
-    depth: dict[ir.Node, int] = {}
-    for node in index.nodes:
-        d = 0
-        for v in index.deps[node]:
-            p = index.producer(v, node)
-            if p is not None:
-                d = max(d, depth[p])
-        depth[node] = d + (1 if node.name in by_target else 0)
+    depth = _depths(index, set(by_target))  # longest path counted in targets
 
     # which targets get statistics at which wave; followers of shared weights reuse an earlier rounding
     natural = {t.name: depth[index.by_name[t.name]] - 1 for t in targets}
@@ -300,7 +292,10 @@ def target_depths(model: ir.Model, targets: list[Target]) -> dict[str, int]:
     """Node name -> depth (the longest path from the inputs counted in targets; a target counts itself), for every
     node of the main graph. Nodes of depth < d never depend on a target of depth >= d."""
     index = _GraphIndex(model, {t.weight_name for t in targets})
-    names = {t.name for t in targets}
+    return {node.name: d for node, d in _depths(index, {t.name for t in targets}).items()}
+
+
+def _depths(index: _GraphIndex, target_names: set[str]) -> dict[ir.Node, int]:
     depth: dict[ir.Node, int] = {}
     for node in index.nodes:
         d = 0
@@ -308,8 +303,8 @@ def target_depths(model: ir.Model, targets: list[Target]) -> dict[str, int]:
             p = index.producer(v, node)
             if p is not None:
                 d = max(d, depth[p])
-        depth[node] = d + (1 if node.name in names else 0)
-    return {node.name: d for node, d in depth.items()}
+        depth[node] = d + (1 if node.name in target_names else 0)
+    return depth
 
 
 def suffix_segment(model: ir.Model, depths: dict[str, int], start: int, weight_names: set[str],

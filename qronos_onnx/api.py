@@ -21,7 +21,7 @@ from .calib import load_calibration
 from .capture import CaptureEngine
 from .capture.act_calib import plan_activations, required_opset
 from .checkpoint import Checkpoint, checkpoint_dir, open_checkpoint, read_manifest, sigterm_as_interrupt
-from .dist import Distributed, DistributedError
+from .dist import Distributed
 from .config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from .errors import ConfigError, ExportError, ModelError
 from .export import export_model, validate_export
@@ -383,12 +383,14 @@ def _quantize_pinned(model_path, calib, output_path, cfg: QuantConfig, *, tokeni
     with OutputStage(out, overwrite=overwrite) as stage:  # nothing under the final names until all is checked
         say(f"writing {out.name}")
         staged = stage.write_model(model)
-        say("validating the written file (onnx.checker, onnxruntime load, every weight read back bit-exact)")
+        say("validating the written file (onnx.checker, onnxruntime load and one sample, every weight read back "
+            "bit-exact)")
         with torch_threads(1):
             if preflight is None:
                 preflight = _validate_data_free(model_path, staged, quantized, targets, tables)
             else:
-                validate_export(staged, quantized, targets, checker=preflight.checker_ok, tables=tables)
+                validate_export(staged, quantized, targets, checker=preflight.checker_ok, tables=tables,
+                                sample=next(iter(samples), None))
         t_export = time.perf_counter() - t0
         result = QuantResult(
             output_path=out,

@@ -447,3 +447,23 @@ def test_probe_suffix_runs_equal_whole_model_runs(tmp_path, which):
             assert by_suffix == pytest.approx(whole, rel=1e-6, abs=1e-12), t.name
             helped += by_suffix < context  # not every promotion helps: errors interact
         assert helped > 0
+
+
+def test_a_file_onnxruntime_cannot_run_is_refused_not_written(tmp_path):
+    """8-bit weights behind per-token INT8 activations load in onnxruntime, which then fuses them into
+    MatMulIntegerToFloat and fails at run time (one activation scale only). Validation runs one calibration sample,
+    so the run is refused with the node and the reason, and nothing is written. (What a W4A4 --target-bits
+    promotion produced on SmolLM2 before this check; the export itself is still to be fixed.)"""
+    from qronos_onnx.errors import ExportError
+
+    path = tmp_path / "t.onnx"
+    onnx.save(tm.transformer(), str(path))
+    cfg = load_recipe("w4a4").override({"weights.bits": 8, "activations.bits": 8, "rounding.algorithm": "rtn"})
+    with pytest.raises(ExportError, match="fails to run it on a calibration sample.*MatMulIntegerToFloat") as err:
+        quantize(path, tm.transformer_inputs(2), tmp_path / "q.onnx", cfg, quiet=True)
+    assert "per-token activation quantizer" in str(err.value)
+    for name in ("q.onnx", "q.onnx.data", "q.onnx.config.yaml", "q.onnx.report.json"):
+        assert not (tmp_path / name).exists()  # (the checkpoint stays, for --resume after a fix)
+    ok = quantize(path, tm.transformer_inputs(2), tmp_path / "w4a4.onnx",
+                  load_recipe("w4a4").override({"rounding.algorithm": "rtn"}), quiet=True)
+    assert ok.output_path.is_file()  # the uniform W4A4 file runs

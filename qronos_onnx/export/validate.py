@@ -10,6 +10,8 @@ is run by onnxruntime over every row of its table (indices 0 .. V-1) and must gi
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import math
 import time
 from dataclasses import dataclass, field
@@ -67,10 +69,34 @@ class ValidationReport:
     n_matmulnbits: int = 0  # com.microsoft.MatMulNBits nodes (spec-checked, golden-checked in numpy)
     n_tables: int = 0  # quantized embedding tables whose every Gather was golden-checked
     ort_load: str = ""  # "ok", "skipped: <why>" or "not asked"
+    ort_run: str = ""  # "ok" (one calibration sample ran at onnxruntime's default optimizations) or why not
 
 
 def _fail(msg: str) -> None:
     raise ExportError(msg)
+
+
+_FUSION_HINT = ("onnxruntime fuses an 8-bit-weight MatMul behind a per-token activation quantizer into "
+                "MatMulIntegerToFloat, whose kernel takes one activation scale and zero point only: give those "
+                "layers per-tensor activations or 4-bit weights (--layer-config)")
+
+
+def _run_sample(session, path: Path, sample: Mapping[str, np.ndarray] | None) -> str:
+    """Run one calibration sample through the loaded session; refuse the file if onnxruntime fails on it."""
+    if sample is None:
+        return "not run: no calibration sample"
+    names = [i.name for i in session.get_inputs()]
+    missing = [n for n in names if n not in sample]
+    if missing:
+        return f"not run: the sample lacks input {missing[0]!r}"
+    try:
+        session.run(None, {n: np.asarray(sample[n]) for n in names})
+    except Exception as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = f" ({_FUSION_HINT})" if "MatMulIntegerToFloat" in text and "Per-Channel" in text else ""
+        _fail(f"onnxruntime loads exported model {str(path)!r} but fails to run it on a calibration sample: "
+              f"{text}{hint}")
+    return "ok"
 
 
 def _attr_int(node: ir.Node, name: str, default: int) -> int:
@@ -421,13 +447,16 @@ def _golden_nbits(node: ir.Node, exp: np.ndarray, w: str) -> None:
 
 
 def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], targets: list[Target], *,
-                    ort_load: bool | None = None, checker: bool = True, tables=()) -> ValidationReport:
+                    ort_load: bool | None = None, checker: bool = True, tables=(),
+                    sample: Mapping[str, np.ndarray] | None = None) -> ValidationReport:
     """Validate the exported file at ``path``; raises ExportError naming the tensor or node on the first failure.
 
     ``ort_load``: True loads the file in onnxruntime (fails for canonical MX, which it cannot run); None (default)
     does so unless the file uses DQ types onnxruntime has no kernel for; False skips it. ``checker`` False (an input
     the ONNX checker already rejects but onnxruntime runs, e.g. contrib ops in the default domain): the checker's
-    verdict is not required and the onnxruntime load becomes mandatory.
+    verdict is not required and the onnxruntime load becomes mandatory. ``sample`` (a calibration feed): the loaded
+    session also runs it, because onnxruntime's graph optimizations can fuse a valid graph into a kernel that then
+    refuses it at run time (a load alone does not show that).
     """
     t0 = time.perf_counter()
     path = Path(path)
@@ -457,13 +486,16 @@ def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], tar
         so = ort.SessionOptions()
         so.log_severity_level = 3
         try:
-            ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as err:
             _fail(f"onnxruntime cannot load exported model {str(path)!r}: {str(err).strip().splitlines()[0]}")
+        ort_run = _run_sample(session, path, sample)
+    else:
+        ort_run = "not run: the file is not loaded in onnxruntime"
     data = data_path_for(path)
     nbytes = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
     report = ValidationReport(path=path, opset=opset, ir_version=irv, n_dequantize=len(dqs), n_weights=0,
-                              n_golden=0, file_bytes=nbytes, ort_load=ort_state,
+                              n_golden=0, file_bytes=nbytes, ort_load=ort_state, ort_run=ort_run,
                               n_matmulnbits=sum(n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN
                                                 for n in model.graph))
     _golden(model, quantized, targets, report, tables)

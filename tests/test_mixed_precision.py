@@ -449,13 +449,15 @@ def test_probe_suffix_runs_equal_whole_model_runs(tmp_path, which):
         assert helped > 0
 
 
-def test_a_file_onnxruntime_cannot_run_is_refused_not_written(tmp_path):
-    """8-bit weights behind per-token INT8 activations load in onnxruntime, which then fuses them into
-    MatMulIntegerToFloat and fails at run time (one activation scale only). Validation runs one calibration sample,
-    so the run is refused with the node and the reason, and nothing is written. (What a W4A4 --target-bits
-    promotion produced on SmolLM2 before this check; the export itself is still to be fixed.)"""
+def test_a_file_onnxruntime_cannot_run_is_refused_not_written(tmp_path, monkeypatch):
+    """Unsigned per-token INT8 activations in front of 8-bit weights load in onnxruntime, which fuses them into
+    MatMulIntegerToFloat and then fails at run time (one activation scale only): what a W4A4 --target-bits promotion
+    wrote on SmolLM2 before the per-token codes became signed. Validation runs one calibration sample, so such a file
+    is refused with the node and the reason, and nothing is written."""
     from qronos_onnx.errors import ExportError
+    from qronos_onnx.export import activations
 
+    monkeypatch.setattr(activations, "SIGNED_PER_TOKEN", False)  # the old form
     path = tmp_path / "t.onnx"
     onnx.save(tm.transformer(), str(path))
     cfg = load_recipe("w4a4").override({"weights.bits": 8, "activations.bits": 8, "rounding.algorithm": "rtn"})
@@ -464,6 +466,26 @@ def test_a_file_onnxruntime_cannot_run_is_refused_not_written(tmp_path):
     assert "per-token activation quantizer" in str(err.value)
     for name in ("q.onnx", "q.onnx.data", "q.onnx.config.yaml", "q.onnx.report.json"):
         assert not (tmp_path / name).exists()  # (the checkpoint stays, for --resume after a fix)
-    ok = quantize(path, tm.transformer_inputs(2), tmp_path / "w4a4.onnx",
-                  load_recipe("w4a4").override({"rounding.algorithm": "rtn"}), quiet=True)
-    assert ok.output_path.is_file()  # the uniform W4A4 file runs
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_8bit_weights_behind_per_token_int8_activations_run(tmp_path, symmetric):
+    """The same layers as above, as written now: the file runs at onnxruntime's default optimizations and gives
+    what it gives with fusions off (no MatMulIntegerToFloat took the per-token scale)."""
+    path = tmp_path / "t.onnx"
+    onnx.save(tm.transformer(), str(path))
+    cfg = load_recipe("w4a4").override({"weights.bits": 8, "activations.bits": 8, "rounding.algorithm": "rtn",
+                                        "activations.symmetric": symmetric})
+    res = quantize(path, tm.transformer_inputs(2), tmp_path / "q.onnx", cfg, quiet=True)
+    feed = tm.transformer_inputs(1)[0]
+    outs = {}
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        outs[level] = ort.InferenceSession(str(res.output_path), so, providers=["CPUExecutionProvider"]).run(None, feed)
+    for a, b in zip(*outs.values()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    model = onnx.load(str(res.output_path), load_external_data=False)
+    per_token = [n for n in model.graph.node if n.op_type == "QuantizeLinear"
+                 and any(a.name == "block_size" for a in n.attribute)]
+    assert per_token  # the per-token quantizers are there, as blocked Q/DQ

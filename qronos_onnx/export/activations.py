@@ -12,7 +12,11 @@ the rounding algorithms see and the file onnxruntime runs compute the same numbe
   ``lo = min(min x, 0)``, ``hi = max(max x, 0)``, zero point ``round(-lo / s)`` as uint8/uint4 (computed by a
   ``QuantizeLinear`` with scale 1: round half to even, saturating). Brevitas keeps the zero point as a float and
   uses ``hi = max x``; ONNX needs an integer zero point, and ``max(max x, 0)`` keeps 0 on the grid when a token is
-  all negative. Per tensor: the same with a scalar scale.
+  all negative. Per token the codes are *signed* (int8/int4, zero point ``round(-lo / s) - 2^(b-1)`` from a
+  ``QuantizeLinear`` with scale 1 and zero point ``-2^(b-1)``, saturating exactly as the unsigned form would): the
+  same numbers, but onnxruntime fuses a per-token *uint8* DQ with int8 weights into MatMulIntegerToFloat, which then
+  refuses the per-token scale at run time; it leaves int8 activations alone. Per tensor: the same with a scalar
+  scale, unsigned (that fusion is right for a scalar scale, and faster).
 * MXFP4 / MXFP8 (dynamic, OCP MX): blocks of 32 along the channel axis (zero-padded to a multiple of 32, padding
   sliced off), ``X = 2^floor(log2 max(amax, 2^(emax - 127))) / 2^emax`` via ``Cast(to=FLOAT8E8M0,
   round_mode="down")`` (opset 24), the floor rule of qronos_algorithm.md §5.3, clamped so that X is an E8M0 value
@@ -50,6 +54,7 @@ from .qdq import CONTAINERS, container_for
 EPS = 2.0**-100  # smallest amax / range a dynamic scale is built from (an all-zero token quantizes to 0)
 _INT64_MAX = np.iinfo(np.int64).max
 _MX_ELEMENTS = {"mxfp4": E2M1, "mxfp8": E4M3}
+SIGNED_PER_TOKEN = True  # False writes the unsigned per-token form onnxruntime cannot run (tests of the refusal)
 
 
 @dataclass(frozen=True)
@@ -168,9 +173,15 @@ def _dynamic_int(e: _Emitter, x: ir.Value, q: ActQuantizer) -> ir.Value:
     lo = e.op("Min", [e.op("ReduceMin", [x, *axes], "min", keepdims=keep), zero], "lo")
     rng = e.op("Max", [e.op("Sub", [hi, lo], "range"), eps], "range_eps")
     s = e.op("Div", [rng, e.const("levels", f32(levels))], "scale")
-    zp_type = ir.DataType.UINT8 if q.bits == 8 else ir.DataType.UINT4
     zf = e.op("Div", [e.op("Neg", [lo], "neg_lo"), s], "zero_point_float")
-    zp = e.op("QuantizeLinear", [zf, e.const("one", f32(1.0))], "zero_point", output_dtype=int(zp_type))
+    one = e.const("one", f32(1.0))
+    if q.granularity == "per_token" and SIGNED_PER_TOKEN:  # signed codes, zero point shifted: the same numbers
+        shift = np.array(-(2 ** (q.bits - 1)), np.int8)
+        shift = e.const("zero_point_shift", shift if q.bits == 8 else shift.astype(ml_dtypes.int4))
+        zp = e.op("QuantizeLinear", [zf, one, shift], "zero_point")
+    else:
+        zp_type = ir.DataType.UINT8 if q.bits == 8 else ir.DataType.UINT4
+        zp = e.op("QuantizeLinear", [zf, one], "zero_point", output_dtype=int(zp_type))
     xq = e.op("QuantizeLinear", [x, s, zp], "quantize", **blocked)
     return e.op("DequantizeLinear", [xq, s, zp], "dequantize", **blocked)
 

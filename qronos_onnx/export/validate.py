@@ -76,9 +76,9 @@ def _fail(msg: str) -> None:
     raise ExportError(msg)
 
 
-_FUSION_HINT = ("onnxruntime fuses an 8-bit-weight MatMul behind a per-token activation quantizer into "
-                "MatMulIntegerToFloat, whose kernel takes one activation scale and zero point only: give those "
-                "layers per-tensor activations or 4-bit weights (--layer-config)")
+_FUSION_HINT = ("onnxruntime fused a MatMul behind a per-token activation quantizer into MatMulIntegerToFloat, "
+                "whose kernel takes one activation scale and zero point only: give those layers per-tensor "
+                "activations (--layer-config), or report the model and the onnxruntime version")
 
 
 def _run_sample(session, path: Path, sample: Mapping[str, np.ndarray] | None) -> str:

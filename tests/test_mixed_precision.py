@@ -489,3 +489,32 @@ def test_8bit_weights_behind_per_token_int8_activations_run(tmp_path, symmetric)
     per_token = [n for n in model.graph.node if n.op_type == "QuantizeLinear"
                  and any(a.name == "block_size" for a in n.attribute)]
     assert per_token  # the per-token quantizers are there, as blocked Q/DQ
+
+
+def test_targets_reading_one_tensor_are_promoted_together(tmp_path):
+    """q/k/v (and gate/up) read one tensor and, under W+A formats, share its quantizer: they are one candidate, so
+    a promotion never leaves two quantizers on one tensor, and the measurement takes 4 passes per block, not 7."""
+    from qronos_onnx.precision.sensitivity import _units
+
+    path = tmp_path / "t.onnx"
+    onnx.save(tm.transformer(), str(path))
+    units = [[t.name for t in u] for u in _units(find_targets(load_model(path)))]
+    assert units[:4] == [["b0_q_proj", "b0_k_proj", "b0_v_proj"], ["b0_o_proj"], ["b0_gate_proj", "b0_up_proj"],
+                         ["b0_down_proj"]]
+    assert len(units) == 13
+    cfg = load_recipe("w4a4").override({"rounding.algorithm": "rtn"})
+    out = tmp_path / "q.onnx"
+    res = quantize(path, tm.transformer_inputs(3), out,
+                   cfg.override({"precision.target_bits": _budget_for(path, cfg, []) + 1.0}), quiet=True)
+    promoted = set(res.precision["promoted"])
+    assert promoted
+    for group in (["b{}_wq", "b{}_wk", "b{}_wv"], ["b{}_wg", "b{}_wu"]):
+        for b in range(3):
+            names = {n.format(b) for n in group}
+            assert names <= promoted or not names & promoted, names
+    model = onnx.load(str(out), load_external_data=False)
+    readers: dict[str, set[str]] = {}  # activation tensor -> the per-token quantizers reading it
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and any(a.name == "block_size" for a in n.attribute):
+            readers.setdefault(n.input[0], set()).add(n.name)
+    assert readers and all(len(v) == 1 for v in readers.values())

@@ -51,11 +51,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Candidate:
-    """One weight (with every node that reads it) that may be promoted."""
+    """Targets promoted together: every node reading one activation tensor (q/k/v, gate/up: they share its
+    quantizer) and every node reading one of their weights. ``weight`` names them for the report."""
 
     weight: str
     targets: list[Target]
     extra_bits: float  # storage added by the promotion
+    weights: list[str] = field(default_factory=list)  # the weight names (``[weight]`` when empty)
     base_error: float = float("nan")  # the output error before promoting it (isolated: with only it quantized)
     promoted_error: float | None = None  # ... and after (isolated: measured lazily)
     round: int = 0  # in-context: the round of its last measurement
@@ -84,7 +86,8 @@ class BudgetResult:
             "final_bits": round(self.final_bits, 4), "promoted": self.promoted, "forward_passes": self.runs,
             "seconds": round(self.seconds, 2), "method": self.method, "measure": _MEASURES[self.method],
             "rounds": self.rounds,
-            "sensitivity": [{"weight": c.weight, "nodes": c.nodes, "extra_bits": c.extra_bits,
+            "sensitivity": [{"weight": c.weight, "weights": c.weights or [c.weight], "nodes": c.nodes,
+                             "extra_bits": c.extra_bits,
                              "base_error": c.base_error, "promoted_error": c.promoted_error,
                              **({"round": c.round} if self.method == "in-context" else {})}
                             for c in sorted(self.candidates, key=lambda c: -_benefit(c))],
@@ -97,6 +100,30 @@ _MEASURES = {
     "isolated": "relative output error of the model with only that target quantized (RTN weights + its "
                 "activation quantizer), base format vs promoted",
 }
+
+
+def _units(targets: list[Target]) -> list[list[Target]]:
+    """Targets joined when they read the same activation tensor or the same weight (union-find), in graph order.
+
+    Why by tensor: under W+A formats those targets share one activation quantizer, which a promotion changes for
+    all of them; and on a transformer block it takes the measurement from 7 passes to 4."""
+    parent = list(range(len(targets)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    seen: dict[tuple[str, str], int] = {}
+    for i, t in enumerate(targets):
+        for key in (("x", t.input_name), ("w", t.weight_name)):
+            j = seen.setdefault(key, i)
+            parent[root(i)] = root(j)
+    groups: dict[int, list[Target]] = {}
+    for i, t in enumerate(targets):
+        groups.setdefault(root(i), []).append(t)
+    return list(groups.values())
 
 
 def _benefit(c: Candidate) -> float:
@@ -122,18 +149,19 @@ def apply_target_bits(model: ir.Model, targets: list[Target], everything: list[T
         g, r, c = t.matrix_shape
         params[t.weight_name] = g * r * c
     total_params = sum(params.values())
-    units: dict[str, list[Target]] = {}
-    for t in targets:
-        units.setdefault(t.weight_name, []).append(t)
     cands = []
-    for name, ts in units.items():
-        plan = plans[ts[0].name]
+    for ts in _units(targets):
         if any(plans[t.name].source == "layer-config" for t in ts):  # the user's explicit choice stands
             continue
-        up = promote(plan)
-        if up is None:
+        ups = {t.name: promote(plans[t.name]) for t in ts}
+        if any(up is None for up in ups.values()):
             continue
-        cands.append(Candidate(name, ts, storage_bits(ts[0], up.weights) - storage_bits(ts[0], plan.weights)))
+        first = {}
+        for t in ts:
+            first.setdefault(t.weight_name, t)
+        extra = sum(storage_bits(t, ups[t.name].weights) - storage_bits(t, plans[t.name].weights)
+                    for t in first.values())
+        cands.append(Candidate(" + ".join(first), ts, extra, weights=list(first)))
     if not cands:
         raise ConfigError(f"--target-bits: no target can be promoted from {plans[targets[0].name].weight_label()} "
                           "(promotions: int2/int3 -> int4, int4..int7 -> int8, mxfp4 -> mxfp8); choose a lower-bit "
@@ -155,7 +183,7 @@ def apply_target_bits(model: ir.Model, targets: list[Target], everything: list[T
     for c in chosen:
         for t in c.targets:
             result.plans[t.name] = promote(plans[t.name])
-        result.promoted.append(c.weight)
+        result.promoted += c.weights or [c.weight]
     result.final_bits = average_bits(everything, result.plans)
     result.seconds = time.perf_counter() - t_start
     return result
@@ -269,10 +297,17 @@ class _Probe:
         n = min(cfg.precision.sensitivity_samples, len(samples))
         self.samples = [{k: np.asarray(s[k]) for k in feeds_names if k in s} for s in list(samples)[:n]]
         self.quantizers = self._quantizers(plans, samples, quiet)
-        self.switches: dict[tuple[str, ActQuantizer], str] = {}
+        # nodes reading one tensor with the same quantizers share their subgraphs and switches (q/k/v)
+        by_input: dict[tuple[str, tuple[ActQuantizer, ...]], list[str]] = {}
+        inputs_of = {t.name: t.input_name for t in targets}
         for node in sorted(self.quantizers):
-            for i, q in enumerate(sorted(self.quantizers[node], key=lambda q: q.describe())):
-                self.switches[(node, q)] = f"{node}__switch{i}"
+            qs = tuple(sorted(self.quantizers[node], key=lambda q: q.describe()))
+            by_input.setdefault((inputs_of[node], qs), []).append(node)
+        self.switches: dict[tuple[str, ActQuantizer], str] = {}
+        for (_, qs), nodes in by_input.items():
+            for i, q in enumerate(qs):
+                for node in nodes:
+                    self.switches[(node, q)] = f"{nodes[0]}__switch{i}"
         self.zero = {name: np.zeros((), np.dtype(q.dtype)) for (_, q), name in self.switches.items()}
         self.outputs = [v.name for v in graph.outputs]
         weight_names = set(self.float_w)
@@ -324,18 +359,25 @@ class _Probe:
         return out
 
     def _hook(self, graph: ir.Graph, segment: Segment) -> None:
-        """x -> x + sum_q s_q * (q(x) - x) in front of each target: exactly x while every switch s_q is 0."""
+        """x -> x + sum_q s_q * (q(x) - x) in front of each target: exactly x while every switch s_q is 0.
+        Targets reading one tensor with the same switches share the subgraph."""
         from ..graph.model import graph_names
 
         taken = graph_names(graph)
+        built: dict[tuple[str, tuple[str, ...]], ir.Value] = {}
         for node in list(graph):
             qs = self.quantizers.get(node.name)
             if not qs:
                 continue
             x = node.inputs[0]
+            qs = sorted(qs, key=lambda q: q.describe())
+            key = (x.name, tuple(self.switches[(node.name, q)] for q in qs))
+            if key in built:
+                node.replace_input_with(0, built[key])
+                continue
             acc = x
             new_nodes: list[ir.Node] = []
-            for q in sorted(qs, key=lambda q: q.describe()):
+            for q in qs:
                 name = self.switches[(node.name, q)]
                 nodes, y = build_quantizer(graph, x, q, taken, prefix=f"{name}_q")
                 taken.add(name)
@@ -351,6 +393,7 @@ class _Probe:
                 acc = added.outputs[0]
             graph.insert_before(node, new_nodes)
             node.replace_input_with(0, acc)
+            built[key] = acc
 
     def _quantized_weight(self, t: Target, plan: LayerPlan) -> np.ndarray:
         key = (t.weight_name, plan.weights)

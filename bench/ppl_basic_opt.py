@@ -4,9 +4,10 @@
     .venv/bin/python bench/ppl_basic_opt.py ~/.cache/qronos-onnx/bench/smollm2/smollm2-w4a4-rot-tb4.5-qronos.onnx
 
 The anchors protocol of bench/run.py (the first 64 windows of 256 tokens of the wiki-leads test split), for a file
-that onnxruntime's default optimizations turn into a kernel that refuses to run: 8-bit weights behind per-token
-INT8 activations are fused into MatMulIntegerToFloat, which takes one activation scale only
-(docs/mixed_precision.md). The figure is the math the file encodes, not what a default session runs.
+that onnxruntime's default optimizations turned into a kernel that refuses to run: before per-token activation codes
+were written signed, 8-bit weights behind per-token uint8 activations were fused into MatMulIntegerToFloat, which
+takes one activation scale only (docs/activations.md). Such files now get refused at validation; files written since
+run at the default level and bench/run.py evaluates them as usual. The figure is the math the file encodes.
 """
 from __future__ import annotations
 

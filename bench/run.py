@@ -378,7 +378,8 @@ def _now() -> str:
 
 
 def load_records(results_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    return [r for r in records if "cell" in r]  # (side files, e.g. a run stopped before its evaluation)
 
 
 def _fmt(v: float | None, metric: str) -> str:

@@ -308,7 +308,7 @@ class _Probe:
             for i, q in enumerate(qs):
                 for node in nodes:
                     self.switches[(node, q)] = f"{nodes[0]}__switch{i}"
-        self.zero = {name: np.zeros((), np.dtype(q.dtype)) for (_, q), name in self.switches.items()}
+        self.zero = {name: np.zeros((), np.bool_) for name in self.switches.values()}
         self.outputs = [v.name for v in graph.outputs]
         weight_names = set(self.float_w)
         self.depth = target_depths(model, targets)
@@ -359,8 +359,9 @@ class _Probe:
         return out
 
     def _hook(self, graph: ir.Graph, segment: Segment) -> None:
-        """x -> x + sum_q s_q * (q(x) - x) in front of each target: exactly x while every switch s_q is 0.
-        Targets reading one tensor with the same switches share the subgraph."""
+        """``If(s_0, q_0(x), If(s_1, q_1(x), x))`` in front of each target: exactly x while every switch is off, and
+        only the quantizer switched on is computed (on a CNN under W+A formats, computing every quantizer on every
+        pass tripled the cost of a pass). Targets reading one tensor with the same switches share it."""
         from ..graph.model import graph_names
 
         taken = graph_names(graph)
@@ -375,25 +376,29 @@ class _Probe:
             if key in built:
                 node.replace_input_with(0, built[key])
                 continue
-            acc = x
-            new_nodes: list[ir.Node] = []
-            for q in qs:
+            first = key[1][0]
+            identity = ir.node("Identity", [x], name=f"{first}_float")
+            identity.outputs[0].name = f"{first}_float_out"
+            otherwise = ir.Graph([], [identity.outputs[0]], nodes=[identity], name=f"{first}_float")
+            taken.update({identity.name, identity.outputs[0].name})
+            outer: ir.Node | None = None
+            for q in reversed(qs):
                 name = self.switches[(node.name, q)]
-                nodes, y = build_quantizer(graph, x, q, taken, prefix=f"{name}_q")
-                taken.add(name)
-                switch = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(np.dtype(q.dtype))),
-                                  shape=ir.Shape([]))
+                nodes, y = build_quantizer(graph, x, q, taken, prefix=f"{name}_q")  # constants in the outer graph
+                then = ir.Graph([], [y], nodes=nodes, name=f"{name}_on")
+                switch = ir.Value(name=name, type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
                 graph.inputs.append(switch)
-                diff = ir.Node("", "Sub", [y, x], num_outputs=1, name=f"{name}_sub")
-                scaled = ir.Node("", "Mul", [diff.outputs[0], switch], num_outputs=1, name=f"{name}_mul")
-                added = ir.Node("", "Add", [acc, scaled.outputs[0]], num_outputs=1, name=f"{name}_add")
-                for nd, tag in ((diff, "d"), (scaled, "s"), (added, "a")):
-                    nd.outputs[0].name = f"{name}_{tag}"
-                new_nodes += [*nodes, diff, scaled, added]
-                acc = added.outputs[0]
-            graph.insert_before(node, new_nodes)
-            node.replace_input_with(0, acc)
-            built[key] = acc
+                taken.add(name)
+                outer = ir.Node("", "If", [switch], attributes=[ir.AttrGraph("then_branch", then),
+                                                                ir.AttrGraph("else_branch", otherwise)],
+                                num_outputs=1, name=f"{name}_if")
+                outer.outputs[0].name = f"{name}_if_out"
+                outer.outputs[0].dtype, outer.outputs[0].shape = x.dtype, x.shape
+                if q is not qs[0]:
+                    otherwise = ir.Graph([], [outer.outputs[0]], nodes=[outer], name=f"{name}_else")
+            graph.insert_before(node, [outer])
+            node.replace_input_with(0, outer.outputs[0])
+            built[key] = outer.outputs[0]
 
     def _quantized_weight(self, t: Target, plan: LayerPlan) -> np.ndarray:
         key = (t.weight_name, plan.weights)
@@ -416,7 +421,7 @@ class _Probe:
             if plan.activations.enabled:
                 for (node, q), name in self.switches.items():
                     if node == t.name and _same(q, plan.activations):
-                        feeds[name] = np.ones((), dtype=np.dtype(q.dtype))
+                        feeds[name] = np.ones((), np.bool_)
         return feeds
 
     def _error(self, outputs: list[list[np.ndarray]]) -> float:

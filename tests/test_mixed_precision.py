@@ -492,16 +492,18 @@ def test_8bit_weights_behind_per_token_int8_activations_run(tmp_path, symmetric)
 
 
 def test_targets_reading_one_tensor_are_promoted_together(tmp_path):
-    """q/k/v (and gate/up) read one tensor and, under W+A formats, share its quantizer: they are one candidate, so
-    a promotion never leaves two quantizers on one tensor, and the measurement takes 4 passes per block, not 7."""
+    """Under W+A formats q/k/v (and gate/up) read one tensor and share its quantizer: they are one candidate, so a
+    promotion never leaves two quantizers on one tensor, and the measurement takes 4 passes per block, not 7."""
     from qronos_onnx.precision.sensitivity import _units
 
     path = tmp_path / "t.onnx"
     onnx.save(tm.transformer(), str(path))
-    units = [[t.name for t in u] for u in _units(find_targets(load_model(path)))]
+    targets = find_targets(load_model(path))
+    units = [[t.name for t in u] for u in _units(targets)]
     assert units[:4] == [["b0_q_proj", "b0_k_proj", "b0_v_proj"], ["b0_o_proj"], ["b0_gate_proj", "b0_up_proj"],
                          ["b0_down_proj"]]
     assert len(units) == 13
+    assert len(_units(targets, by_tensor=False)) == len(targets)  # weight-only: one unit per weight
     cfg = load_recipe("w4a4").override({"rounding.algorithm": "rtn"})
     out = tmp_path / "q.onnx"
     res = quantize(path, tm.transformer_inputs(3), out,

@@ -8,7 +8,8 @@ in the report does not. Two ways to turn it into a choice (``precision.sensitivi
 
 - ``in-context`` (default): start from the whole model quantized at the requested format; the benefit of promoting
   ``t`` is how much the output error drops when only ``t`` is promoted. Targets are taken by benefit per added bit
-  for a share of the budget, then the remaining ones are measured again in the new context
+  for a share of the budget, the round's choice is checked by one run of the whole model (a prefix kept if together
+  they raised the error), then the remaining ones are measured again in the new context
   (``precision.sensitivity_rounds`` rounds). Errors do not add: on a depthwise CNN under MXFP4 activations the stem
   conv alone costs 0.6 % output error but promoting it in the quantized model removes half of the error, because
   every later quantizer amplifies what it lets through (``docs/mixed_precision.md``).
@@ -16,10 +17,13 @@ in the report does not. Two ways to turn it into a choice (``precision.sensitivi
   greedily (lazily: the base error bounds the benefit). Blind to those interactions, yet measured 1-2 points better
   on some models (W4A4 GPTQ on the PP-OCR classifier, W3 SmolLM2), against 4-15 points worse under MXFP4.
 
+The unit of promotion is a weight, or under W+A formats every target reading one activation tensor (they share its
+quantizer): see ``_units``.
+
 Cost: one onnxruntime graph of the whole float model with every target weight fed as an input (built once), every
-activation quantizer behind a scalar switch so that one graph serves every plan; then ``sensitivity_samples``
-passes per candidate and round (in-context) or per candidate and level (isolated), each running only the nodes
-from the deepest cut above the changed target on.
+activation quantizer behind an ``If`` on a boolean switch so that one graph serves every plan and only the quantizers
+switched on are computed; then ``sensitivity_samples`` passes per candidate and round (in-context) or per candidate
+and level (isolated), each running only the nodes from the deepest cut above the changed target on.
 """
 from __future__ import annotations
 

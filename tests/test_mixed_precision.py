@@ -126,14 +126,15 @@ def _file_bits(path: Path) -> tuple[float, dict[str, int]]:
             seen.add(codes)
             n = inits[codes].size
             params += n
-            total_bits += n * width[dtype_of[codes]] + inits[dq.input[1]].size * 32
+            scale = inits[dq.input[1]]
+            total_bits += n * width[dtype_of[codes]] + scale.size * scale.dtype.itemsize * 8
             if len(dq.input) > 2 and dq.input[2]:
                 total_bits += inits[dq.input[2]].size * width[dtype_of[dq.input[2]]]
         elif w in inits and w not in seen:
             seen.add(w)
             params += inits[w].size
-            total_bits += inits[w].size * 32
-            code_bits[node.name] = 32
+            total_bits += inits[w].size * inits[w].dtype.itemsize * 8
+            code_bits[node.name] = inits[w].dtype.itemsize * 8
     return total_bits / params, code_bits
 
 
@@ -544,3 +545,21 @@ def test_targets_reading_one_tensor_are_promoted_together(tmp_path):
         if n.op_type == "QuantizeLinear" and any(a.name == "block_size" for a in n.attribute):
             readers.setdefault(n.input[0], set()).add(n.name)
     assert readers and all(len(v) == 1 for v in readers.values())
+
+
+def test_target_bits_w4a4_on_a_float16_model(tmp_path):
+    """The probe's If branches carry float16 activations (the dynamic quantizers compute in float32 between Casts);
+    the budget holds and the file runs."""
+    path = tmp_path / "t16.onnx"
+    onnx.save(tm.transformer(dtype=np.float16), str(path))
+    cfg = load_recipe("w4a4").override({"rounding.algorithm": "rtn"})
+    out = tmp_path / "q.onnx"
+    budget = _budget_for(path, cfg, []) + 1.0
+    res = quantize(path, tm.transformer_inputs(3, dtype=np.float16), out,
+                   cfg.override({"precision.target_bits": budget}), quiet=True)
+    assert res.precision["promoted"]
+    avg, _ = _file_bits(out)
+    assert avg <= budget + 1e-9
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+        None, tm.transformer_inputs(1, dtype=np.float16)[0])[0]
+    assert got.dtype == np.float16 and np.isfinite(got).all()

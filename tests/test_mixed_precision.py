@@ -564,37 +564,3 @@ def test_target_bits_w4a4_on_a_float16_model(tmp_path):
         None, tm.transformer_inputs(1, dtype=np.float16)[0])[0]
     assert got.dtype == np.float16 and np.isfinite(got).all()
 
-
-def test_probe_runs_samples_as_one_batch_only_where_that_computes_the_same(tmp_path, monkeypatch):
-    """Samples sharing a symbolic batch axis run as one batch (cheaper on small CNNs) with the same output errors;
-    inputs without a common batch axis (the tiny transformer's [S, S] mask) or per-tensor dynamic activation scales
-    keep one run per sample."""
-    import qronos_onnx.precision.sensitivity as sens
-    from qronos_onnx.export.qdq import upgrade_opset
-
-    def loaded(proto, name):
-        onnx.save(proto, str(tmp_path / name))
-        model = load_model(tmp_path / name)
-        upgrade_opset(model, 21)
-        return model, find_targets(model)
-
-    model, targets = loaded(fragile_cnn(), "cnn.onnx")
-    samples = [{"img": np.random.default_rng(i).standard_normal((4, 1, 8, 8)).astype(np.float32)} for i in range(3)]
-    cfg = load_recipe("w4a4").override({"rounding.algorithm": "rtn", "precision.sensitivity_samples": 3})
-    plans = resolve_plan(targets, cfg)
-    errors = {}
-    for merge in (True, False):
-        if not merge:
-            monkeypatch.setattr(sens, "_one_batch", lambda s, g, q: s)
-        with sens._Probe(model, targets, samples, plans, cfg, quiet=True) as probe:
-            assert len(probe.samples) == (1 if merge else 3)
-            ctx = probe.set_context(plans)
-            errors[merge] = [ctx] + [probe.error([t], {**plans, t.name: promote(plans[t.name])}) for t in targets]
-    monkeypatch.undo()
-    np.testing.assert_allclose(errors[True], errors[False], rtol=1e-5)
-    tmodel, ttargets = loaded(tm.transformer(), "t.onnx")
-    with sens._Probe(tmodel, ttargets, tm.transformer_inputs(3), resolve_plan(ttargets, cfg), cfg, quiet=True) as probe:
-        assert len(probe.samples) == 3  # the mask has no batch axis
-    per_tensor = cfg.override({"activations.granularity": "per_tensor"})
-    with sens._Probe(model, targets, samples, resolve_plan(targets, per_tensor), per_tensor, quiet=True) as probe:
-        assert len(probe.samples) == 3  # a dynamic per-tensor scale would see the whole batch

@@ -335,7 +335,6 @@ class _Probe:
         n = min(cfg.precision.sensitivity_samples, len(samples))
         self.samples = [{k: np.asarray(s[k]) for k in feeds_names if k in s} for s in list(samples)[:n]]
         self.quantizers = self._quantizers(plans, samples, quiet)
-        self.samples = _one_batch(self.samples, graph, self.quantizers)
         # nodes reading one tensor with the same quantizers share their subgraphs and switches (q/k/v)
         by_input: dict[tuple[str, tuple[ActQuantizer, ...]], list[str]] = {}
         inputs_of = {t.name: t.input_name for t in targets}
@@ -522,28 +521,6 @@ class _Probe:
             outputs.append([got.get(n, old) for n, old in zip(self.outputs, ctx_out)])
         self.runs += len(self.samples)
         return self._error(outputs)
-
-
-def _one_batch(samples: list[dict[str, np.ndarray]], graph: ir.Graph,
-               quantizers: Mapping[str, set[ActQuantizer]]) -> list[dict[str, np.ndarray]]:
-    """The samples concatenated into one batch when that computes the same thing: every input has a symbolic axis 0
-    of one name (the batch), and no activation quantizer takes its scale from the whole tensor (dynamic per-tensor).
-    On a small CNN a pass costs mostly onnxruntime's per-node work, so one run of 4 samples costs about one of 1."""
-    if len(samples) < 2 or any(q.dynamic and q.granularity == "per_tensor" for qs in quantizers.values() for q in qs):
-        return samples
-    declared = {v.name: v.shape for v in graph.inputs}
-    names = set()
-    for key, arr in samples[0].items():
-        shape = declared.get(key)
-        if shape is None or len(shape) == 0 or isinstance(shape[0], int) or arr.ndim != len(shape):
-            return samples
-        names.add(getattr(shape[0], "value", None))
-        if any(s[key].ndim != arr.ndim or s[key].shape[1:] != arr.shape[1:] or s[key].dtype != arr.dtype
-               for s in samples):
-            return samples
-    if len(names) != 1 or (len(samples[0]) > 1 and None in names):
-        return samples
-    return [{key: np.concatenate([s[key] for s in samples]) for key in samples[0]}]
 
 
 def _same(q: ActQuantizer, acts) -> bool:

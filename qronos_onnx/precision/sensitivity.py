@@ -8,8 +8,7 @@ in the report does not. Two ways to turn it into a choice (``precision.sensitivi
 
 - ``in-context`` (default): start from the whole model quantized at the requested format; the benefit of promoting
   ``t`` is how much the output error drops when only ``t`` is promoted. Targets are taken by benefit per added bit
-  for a share of the budget, the round's choice is checked by one run of the whole model (a prefix kept if together
-  they raised the error), then the remaining ones are measured again in the new context
+  for a share of the budget, then the remaining ones are measured again in the new context
   (``precision.sensitivity_rounds`` rounds). Errors do not add: on a depthwise CNN under MXFP4 activations the stem
   conv alone costs 0.6 % output error but promoting it in the quantized model removes half of the error, because
   every later quantizer amplifies what it lets through (``docs/mixed_precision.md``).
@@ -215,16 +214,14 @@ def _in_context(cands: list[Candidate], room: float, plans: dict[str, LayerPlan]
     candidate left: re-measuring only the best of the last round was tried and lost 11 points of top-1 on the
     PP-OCR classifier under MXFP4 (0.741 against 0.856), because the benefits change with the context.
 
-    A round's promotions, each measured alone, can raise the error together (on SmolLM2 W3 one round's 11
-    promotions took the output error from 0.36 to 0.48). So the round's choice is checked by one run of the whole
-    model; when the error did not drop, the best-ranked half is tried, then its half, down to the single best (whose
-    effect was measured exactly), and the prefix with the lowest error is kept; the bits of the others stay for
-    later rounds."""
+    Promotions measured one at a time can raise the output error together (SmolLM2 W3: one round's 25 took it from
+    0.33 to 1.16). Checking each round by a whole-model run and keeping the best prefix was tried: it lowered that
+    error but left a third of the extra bits unspent and the perplexity rose from 31.79 to 36.05, so the rounds stay
+    unchecked (``bench/results/smollm2/smollm2-w3-pc-tb3.25-qronos.checked.json``)."""
     chosen: list[Candidate] = []
     left = list(cands)
     current = dict(plans)
     bar = tqdm(total=len(cands), desc="sensitivity", unit="pass", disable=quiet, leave=False)
-    error = probe.set_context(current)
     for r in range(rounds):
         if not left or room < min(c.extra_bits for c in left):
             break
@@ -232,6 +229,7 @@ def _in_context(cands: list[Candidate], room: float, plans: dict[str, LayerPlan]
         if r > 0:
             bar.total += len(measure)
             bar.refresh()
+        error = probe.set_context(current)
         for c in measure:
             c.base_error = error
             c.promoted_error = probe.error(c.targets, _with(current, plans, [c]))
@@ -246,41 +244,18 @@ def _in_context(cands: list[Candidate], room: float, plans: dict[str, LayerPlan]
             if c.extra_bits <= room - spent:
                 taken.append(c)
                 spent += c.extra_bits
-        entry = {"round": r + 1, "output_error": error, "measured": len(measure)}
-        log_rounds.append(entry)
+        log_rounds.append({"round": r + 1, "output_error": error, "measured": len(measure),
+                           "promoted": [c.weight for c in taken]})
         if not taken:
-            entry["promoted"] = []
             log.warning("note: --target-bits: no remaining promotion lowers the measured output error (%.4g) in "
                         "round %d; %.0f bits of the budget stay unspent", error, r + 1, room)
             break
-        keep, after, tried = _checked_prefix(taken, error, current, plans, probe)
-        if keep < len(taken):
-            entry["checked"] = {"chosen": len(taken), "kept": keep, "errors_by_prefix": tried}
-        taken = taken[:keep]
-        entry["promoted"] = [c.weight for c in taken]
-        entry["error_after"] = after
         chosen += taken
-        room -= sum(c.extra_bits for c in taken)
+        room -= spent
         current = _with(current, plans, taken)
         left = [c for c in left if c not in taken]
-        error = after
     bar.close()
     return chosen
-
-
-def _checked_prefix(taken: list[Candidate], error: float, current: dict[str, LayerPlan],
-                    plans: dict[str, LayerPlan], probe: "_Probe") -> tuple[int, float, dict[int, float]]:
-    """How many of ``taken`` (best first) to keep, the output error with them, and the errors tried. Leaves the
-    probe's context at the kept prefix."""
-    tried = {len(taken): probe.set_context(_with(current, plans, taken))}
-    k = len(taken)
-    while min(tried.values()) >= error and k > 1:
-        k //= 2
-        tried[k] = probe.set_context(_with(current, plans, taken[:k]))
-    keep = min(tried, key=lambda n: (tried[n], -n))
-    if keep != k:
-        probe.set_context(_with(current, plans, taken[:keep]))
-    return keep, tried[keep], tried
 
 
 def _isolated(cands: list[Candidate], room: float, plans: dict[str, LayerPlan], probe: "_Probe",

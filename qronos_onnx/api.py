@@ -88,6 +88,7 @@ class QuantResult:
     n_samples: int = 0
     transforms: dict = field(default_factory=dict)  # TransformLog.to_dict(): notes, float rotation nodes
     output_bytes: int = 0
+    peak_rss_bytes: int = 0  # the process's peak resident memory up to the report (ru_maxrss; see peak_rss_bytes())
     precision: dict = field(default_factory=dict)  # the bit budget and what it promoted (--target-bits)
     embeddings: list[dict] = field(default_factory=list)  # QuantizedTable.report() of each quantized table
     lm_head: dict = field(default_factory=dict)  # mode, head nodes, heads untied from a table
@@ -407,6 +408,7 @@ def _quantize_pinned(model_path, calib, output_path, cfg: QuantConfig, *, tokeni
                      "total": time.perf_counter() - t_start},
             n_samples=len(samples),
             output_bytes=_file_bytes(staged),
+            peak_rss_bytes=peak_rss_bytes(),
             transforms=transform_log.to_dict(),
             precision={"weight_bits_average": round(average_bits(everything, plans), 4), "mixed": mixed,
                        **(budget.to_dict() if budget is not None else {})},
@@ -835,6 +837,17 @@ def _onnx_weight(target: Target, qw: QuantizedWeight) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ output files
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (``ru_maxrss``: heap and the touched pages of mapped files alike),
+    in bytes; 0 where the platform has no ``resource`` module. It counts everything the process did before the run."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kb) * (1 if sys.platform == "darwin" else 1024)  # macOS reports bytes, Linux kilobytes
+
+
 def _file_bytes(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
@@ -846,6 +859,7 @@ def _report_dict(result: QuantResult, model_path) -> dict:
         "model": str(model_path),
         "output": str(result.output_path),
         "output_bytes": result.output_bytes,
+        "peak_rss_bytes": result.peak_rss_bytes,
         "calibration_samples": result.n_samples,
         "timings_seconds": result.timings,
         "config": result.config.to_dict(),

@@ -10,7 +10,7 @@ is run by onnxruntime over every row of its table (indices 0 .. V-1) and must gi
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import math
 import time
@@ -26,6 +26,7 @@ from onnx import helper
 from ..errors import ExportError
 from ..formats import QuantizedWeight
 from ..graph.io import data_path_for
+from ..graph.model import read_external, release
 from ..graph.targets import Target
 from .matmulnbits import MS_DOMAIN, decode_matmulnbits_nk
 
@@ -269,6 +270,12 @@ def _expected(t: Target, qw: QuantizedWeight, consumer: ir.Node) -> np.ndarray:
     return w.numpy()
 
 
+def _owned(t: ir.TensorProtocol) -> np.ndarray:
+    """The tensor's values; read from the written file without leaving its mapping (or onnx-ir's unpacked 4-bit
+    copy) alive, so that checking weight after weight does not accumulate them all in memory."""
+    return read_external(t) if isinstance(t, ir.ExternalTensor) else np.asarray(t.numpy())
+
+
 def _golden_model(dqs: list[ir.Node], opset: int, ir_version: int) -> onnx.ModelProto:
     """A model whose outputs are the given DQ nodes' outputs, with their initializers read into memory."""
     inits: dict[str, onnx.TensorProto] = {}
@@ -277,8 +284,7 @@ def _golden_model(dqs: list[ir.Node], opset: int, ir_version: int) -> onnx.Model
         for v in dq.inputs:
             if v is not None and v.name not in inits:
                 t = v.const_value
-                inits[v.name] = ir.serde.serialize_tensor(ir.Tensor(np.asarray(t.numpy()), dtype=t.dtype,
-                                                                    name=v.name))
+                inits[v.name] = ir.serde.serialize_tensor(ir.Tensor(_owned(t), dtype=t.dtype, name=v.name))
         nodes.append(ir.serde.serialize_node(dq))
         out_type = _attr_int(dq, "output_dtype", 0) or int(dq.inputs[1].const_value.dtype)
         outputs.append(helper.make_tensor_value_info(dq.outputs[0].name, out_type, None))
@@ -321,7 +327,7 @@ def _golden_gbq(model: ir.Model, node: ir.Node, exp: np.ndarray, table: str) -> 
             ins.append("")
             continue
         t = v.const_value
-        inits.append(ir.serde.serialize_tensor(ir.Tensor(np.asarray(t.numpy()), dtype=t.dtype, name=v.name)))
+        inits.append(ir.serde.serialize_tensor(ir.Tensor(_owned(t), dtype=t.dtype, name=v.name)))
         ins.append(v.name)
     inits.append(onnx.numpy_helper.from_array(np.arange(exp.shape[0], dtype=np.int64), "__all_rows"))
     attrs = {k: a.value for k, a in node.attributes.items()}
@@ -357,7 +363,8 @@ def _check_exact(got, exp: np.ndarray, what: str, reference: str) -> None:
 def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: list[Target],
             report: ValidationReport, tables=()) -> None:
     nodes = {n.name: n for n in model.graph if n.name}
-    checks: list[tuple[ir.Node, np.ndarray, str, str]] = []  # dq, expected, weight, consumer
+    # dq, expected (a function: the solver's values are made chunk by chunk, never all at once), weight, consumer
+    checks: list[tuple[ir.Node, Callable[[], np.ndarray], int, str, str]] = []
     for qt in tables:
         exp = _table_expected(qt)
         if not qt.nodes:
@@ -375,7 +382,7 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
             if dq is None or dq.op_type != "DequantizeLinear":
                 _fail(f"table {qt.table.name!r} of node {name!r} is not read through a DequantizeLinear or "
                       f"GatherBlockQuantized in the written file")
-            checks.append((dq, exp, qt.table.name, name))
+            checks.append((dq, lambda exp=exp: exp, exp.nbytes, qt.table.name, name))
         report.n_tables += 1
     n_nbits = 0
     by_weight: dict[str, list[Target]] = {}
@@ -392,6 +399,8 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
                 _fail(f"node {t.name!r} (consumer of weight {w!r}) is missing from the written file")
             if node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN:
                 _golden_nbits(node, _expected_nk(qw), w)
+                for v in node.inputs:
+                    release(v.const_value if v is not None else None)
                 report.golden_engines["numpy-matmulnbits"] = report.golden_engines.get("numpy-matmulnbits", 0) + 1
                 n_nbits += 1
                 continue
@@ -399,10 +408,11 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
             dq = inp.producer() if inp is not None else None
             if dq is None or dq.op_type != "DequantizeLinear":
                 _fail(f"weight {w!r} of node {t.name!r} is not read through a DequantizeLinear in the written file")
-            checks.append((dq, _expected(t, qw, node), w, t.name))
+            nbytes = math.prod(t.weight_shape) * np.dtype(t.weight_dtype).itemsize
+            checks.append((dq, lambda t=t, qw=qw, node=node: _expected(t, qw, node), nbytes, w, t.name))
     opset, irv = int(model.opset_imports.get("", 1)), int(model.ir_version)
     seen: set[int] = set()
-    chunk: list[tuple[ir.Node, np.ndarray, str, str]] = []
+    chunk: list[tuple[ir.Node, Callable[[], np.ndarray], int, str, str]] = []
     size = 0
     todo = []
     for item in checks:
@@ -410,7 +420,7 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
             continue
         seen.add(id(item[0]))
         chunk.append(item)
-        size += item[1].nbytes
+        size += item[2]
         if size >= GOLDEN_CHUNK_BYTES:
             todo.append(chunk)
             chunk, size = [], 0
@@ -418,8 +428,8 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
         todo.append(chunk)
     for chunk in todo:
         outs, engine = _run_golden(_golden_model([c[0] for c in chunk], opset, irv))
-        for (dq, exp, w, consumer), got in zip(chunk, outs):
-            _check_exact(got, exp, f"DequantizeLinear {dq.name!r} for weight {w!r} (node {consumer!r})",
+        for (dq, expected, _, w, consumer), got in zip(chunk, outs):
+            _check_exact(got, expected(), f"DequantizeLinear {dq.name!r} for weight {w!r} (node {consumer!r})",
                          "the solver's values")
             report.golden_engines[engine] = report.golden_engines.get(engine, 0) + 1
             report.n_golden += 1
@@ -490,6 +500,7 @@ def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], tar
         except Exception as err:
             _fail(f"onnxruntime cannot load exported model {str(path)!r}: {str(err).strip().splitlines()[0]}")
         ort_run = _run_sample(session, path, sample)
+        del session  # its copy of every weight goes before the golden runs read them again
     else:
         ort_run = "not run: the file is not loaded in onnxruntime"
     data = data_path_for(path)

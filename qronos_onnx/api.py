@@ -28,6 +28,8 @@ from .export import export_model, validate_export
 from .export.gather import QuantizedTable, export_tables
 from .export.qdq import default_opset, ir_version_for_opset, upgrade_opset
 from .formats import IntGrid, QuantizedWeight, make_grid
+from .formats import spill
+from .formats.spill import SpilledWeights
 from .formats.table import quantize_table
 from .graph.io import OutputStage, check_output_path, run_inputs
 from .graph.preflight import (Preflight, check_free_space, check_input_model, describe_ops, estimate_output_bytes,
@@ -297,7 +299,7 @@ def _quantize_pinned(model_path, calib, output_path, cfg: QuantConfig, *, tokeni
     acts = _plan_activations(model, targets, samples, plans, cfg, device)
     t_act_calib = time.perf_counter() - t0
 
-    quantized: dict[str, QuantizedWeight] = {}
+    quantized = _code_store(targets)
     reports: list[LayerReport] = []
     ckpt = None
     t_capture0 = time.perf_counter()
@@ -425,7 +427,16 @@ def _quantize_pinned(model_path, calib, output_path, cfg: QuantConfig, *, tokeni
         stage.commit()
     if ckpt is not None:
         ckpt.remove()
+    if isinstance(quantized, SpilledWeights):
+        quantized.close()
     return result
+
+
+def _code_store(targets: list[Target]) -> dict[str, QuantizedWeight]:
+    """Where the run keeps its quantized weights: on disk past ``spill.SPILL_MIN_BYTES`` of codes (one byte per
+    weight), in memory below (formats/spill.py)."""
+    sizes = {t.weight_name: math.prod(t.weight_shape) for t in targets}
+    return SpilledWeights() if sum(sizes.values()) >= spill.SPILL_MIN_BYTES else {}
 
 
 _NOT_RUN = "not run (data-free run: the output passes onnx.checker)"
@@ -670,8 +681,9 @@ class _Solved:
 
 
 def _solve_batch(batch: list[_Unit], measured: bool, cfg: QuantConfig, device: torch.device) -> _Solved:
-    W = torch.cat([u.W for u in batch])  # [B, rows, cols]
-    grid = _cat_grids([u.grid for u in batch])
+    # [B, rows, cols]; a batch of one is used as it is (a copy of an lm_head is hundreds of MB)
+    W = torch.cat([u.W for u in batch]) if len(batch) > 1 else batch[0].W
+    grid = _cat_grids([u.grid for u in batch]) if len(batch) > 1 else batch[0].grid
     H, G, F = ((torch.cat([getattr(u.stats, m) for u in batch]).to(device) if measured else None)
                for m in "HGF")
     t0 = time.perf_counter()

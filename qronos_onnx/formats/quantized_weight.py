@@ -45,6 +45,14 @@ class QuantizedWeight:
             raise ValueError(f"QuantizedWeight codes must be 2-D [rows, cols], got shape {tuple(self.codes.shape)}")
         self.codes = compact_codes(self.codes, self.grid)
 
+    def __getattr__(self, name: str):
+        # codes moved to disk by formats/spill.py: read them back (only called when ``codes`` is not an attribute)
+        if name == "codes" and "_codes_file" in self.__dict__:
+            from .spill import load_codes
+
+            return load_codes(self.__dict__["_codes_file"])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]

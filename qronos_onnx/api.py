@@ -37,6 +37,7 @@ from .graph.preflight import (Preflight, check_free_space, check_input_model, de
 from .graph.embeddings import (EmbeddingTable, find_embedding_tables, find_heads, tied_heads, untie_heads,
                                untie_transposed_tables)
 from .graph.model import load_model, read_initializer
+from .memory import peak_rss_bytes, trim
 from .graph.schedule import build_schedule
 from .precision import (LayerPlan, apply_target_bits, average_bits, is_mixed, promote, resolve_plan,
                         storage_bits)
@@ -326,6 +327,8 @@ def _quantize_pinned(model_path, calib, output_path, cfg: QuantConfig, *, tokeni
                     new = _round_wave(model, wave_targets, stats, cfg, device, quantized, reports, plans, dist)
                     t_round += time.perf_counter() - t0
                     engine.set_weights(new)
+                    del new, stats
+                    trim()  # the wave's sessions, weights and statistics: given back before the next (memory.py)
                     done += 1
                     if checkpoint:
                         ckpt.save(engine, engine.wave, done, total, quantized, reports)
@@ -786,6 +789,7 @@ def _round_data_free(model, targets: list[Target], cfg: QuantConfig, device: tor
     for wave in build_schedule(model, targets).waves:
         if wave:
             _round_wave(model, wave, None, cfg, device, quantized, reports, plans)
+            trim()  # the wave's float copies go back to the system before the next wave reads its weights
     return time.perf_counter() - t0
 
 
@@ -848,17 +852,6 @@ def _onnx_weight(target: Target, qw: QuantizedWeight) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ output files
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (``ru_maxrss``: heap and the touched pages of mapped files alike),
-    in bytes; 0 where the platform has no ``resource`` module. It counts everything the process did before the run."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return 0
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(kb) * (1 if sys.platform == "darwin" else 1024)  # macOS reports bytes, Linux kilobytes
-
 
 def _file_bytes(path: Path) -> int:
     data = path.with_name(path.name + ".data")

@@ -27,6 +27,7 @@ from ..errors import ExportError
 from ..formats import QuantizedWeight
 from ..graph.io import data_path_for
 from ..graph.model import read_external, release
+from ..memory import trim
 from ..graph.targets import Target
 from .matmulnbits import MS_DOMAIN, decode_matmulnbits_nk
 
@@ -433,6 +434,8 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
                          "the solver's values")
             report.golden_engines[engine] = report.golden_engines.get(engine, 0) + 1
             report.n_golden += 1
+        del outs
+        trim()
     report.n_golden += n_nbits
     report.n_weights = len(quantized)
 
@@ -501,6 +504,7 @@ def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], tar
             _fail(f"onnxruntime cannot load exported model {str(path)!r}: {str(err).strip().splitlines()[0]}")
         ort_run = _run_sample(session, path, sample)
         del session  # its copy of every weight goes before the golden runs read them again
+        trim()  # freed in onnxruntime's threads' arenas: given back, or it stays resident (memory.py)
     else:
         ort_run = "not run: the file is not loaded in onnxruntime"
     data = data_path_for(path)

@@ -2,6 +2,7 @@
 """Peak memory of quantizing a Llama-shaped model with random weights (bench/synth_llama.py), one run per process.
 
     .venv/bin/python bench/bench_memory.py --dir /tmp/mem --preset tinyllama-1.1b --layers 8 --runs rtn qronos
+    .venv/bin/python bench/bench_memory.py --dir /tmp/mem --layers 6 --runs rtn --repo /path/to/older/checkout
 
 Builds ``DIR/llama-<hidden>x<layers>-<dtype>.onnx`` (reused when present), then runs each row as a CLI subprocess:
 
@@ -44,17 +45,18 @@ def _calib(path: Path, vocab: int, windows: int, seq_len: int) -> Path:
     return path
 
 
-def run_row(row: str, model: Path, out: Path, calib: Path | None, extra: list[str]) -> dict:
+def run_row(row: str, model: Path, out: Path, calib: Path | None, extra: list[str], repo: Path = REPO) -> dict:
     cmd = [sys.executable, "-m", "qronos_onnx", "quantize", str(model), "-o", str(out), "--w4", "--overwrite",
            "--quiet", *extra]
     if row == "rtn":
         cmd += ["--algo", "rtn"]
     else:
         cmd += ["--algo", row, "--calib", str(calib)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(repo)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # run in the checkout: ``python -m`` puts the working directory ahead of PYTHONPATH
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=repo)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     res = {"row": row, "model": model.name, "model_gb": round(_file_bytes(model) / 1e9, 3), "rc": proc.returncode,
@@ -63,7 +65,7 @@ def run_row(row: str, model: Path, out: Path, calib: Path | None, extra: list[st
            # ru_maxrss of RUSAGE_CHILDREN is the largest of any child so far: one row per bench process keeps it exact
            "peak_rss_gb": round(after.ru_maxrss * 1024 / 1e9, 3),
            "minor_faults_m": round((after.ru_minflt - before.ru_minflt) / 1e6, 2),
-           "output_gb": round(_file_bytes(out) / 1e9, 3), "cmd": " ".join(cmd[1:])}
+           "output_gb": round(_file_bytes(out) / 1e9, 3), "repo": str(repo), "cmd": " ".join(cmd[1:])}
     report = out.with_name(out.name + ".report.json")
     if proc.returncode == 0 and report.exists():
         rep = json.loads(report.read_text())
@@ -87,11 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra", default="", help="more quantize flags, space-separated")
     ap.add_argument("--json", type=Path, help="append the rows here")
     ap.add_argument("--keep-output", action="store_true")
+    ap.add_argument("--repo", type=Path, default=REPO, help="the qronos-onnx checkout to run (e.g. a worktree of an "
+                    "older commit, for a before/after); default: this one")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     over = {f: getattr(args, f) for f in ("hidden", "layers", "ffn", "vocab", "heads", "kv_heads", "dtype")
             if getattr(args, f) is not None}
     shape = Shape(**{**PRESETS[args.preset].__dict__, **over})
+    args.dir = args.dir.resolve()
+    args.repo = args.repo.resolve()
     args.dir.mkdir(parents=True, exist_ok=True)
     model = args.dir / f"llama-{shape.hidden}x{shape.layers}-v{shape.vocab}-{shape.dtype}.onnx"
     if not model.exists():
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(sub, check=False)
             continue
         out = args.dir / f"{model.stem}.{row}.onnx"
-        res = run_row(row, model, out, calib, args.extra.split())
+        res = run_row(row, model, out, calib, args.extra.split(), args.repo)
         line = json.dumps(res)
         print(line, flush=True)
         if args.json:

@@ -459,6 +459,13 @@ def _golden_nbits(node: ir.Node, exp: np.ndarray, w: str) -> None:
               f"{bad.size} elements (max |diff| {diff:.3g})")
 
 
+def _read_back(path: Path) -> ir.Model:
+    try:
+        return ir.load(str(path))
+    except Exception as err:
+        _fail(f"exported model {str(path)!r} cannot be read back: {err}")
+
+
 def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], targets: list[Target], *,
                     ort_load: bool | None = None, checker: bool = True, tables=(),
                     sample: Mapping[str, np.ndarray] | None = None) -> ValidationReport:
@@ -475,18 +482,20 @@ def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], tar
     path = Path(path)
     if not path.is_file():
         _fail(f"exported model {str(path)!r} does not exist")
-    try:
-        model = ir.load(str(path))
-    except Exception as err:
-        _fail(f"exported model {str(path)!r} cannot be read back: {err}")
+    model = _read_back(path)
     opset, irv = int(model.opset_imports.get("", 1)), int(model.ir_version)
     dqs = _spec_checks(model)
+    n_dq, why_not = len(dqs), _ort_unrunnable(dqs)
+    n_nbits = sum(n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN for n in model.graph)
+    # the checker and onnxruntime read the file themselves: our copy (all of a self-contained file's tensors) goes
+    # while they hold theirs, and is read again for the golden check
+    del model, dqs
+    trim()
     if checker:
         try:
             onnx.checker.check_model(str(path), full_check=True)
         except Exception as err:
             _fail(f"exported model {str(path)!r} fails onnx.checker: {str(err).strip().splitlines()[0]}")
-    why_not = _ort_unrunnable(dqs)
     if not checker and why_not is not None:
         _fail(f"exported model {str(path)!r} cannot be validated: the input fails onnx.checker, so onnxruntime must "
               f"load the output, but it cannot run {why_not}; choose an export onnxruntime runs")
@@ -509,10 +518,9 @@ def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], tar
         ort_run = "not run: the file is not loaded in onnxruntime"
     data = data_path_for(path)
     nbytes = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-    report = ValidationReport(path=path, opset=opset, ir_version=irv, n_dequantize=len(dqs), n_weights=0,
+    report = ValidationReport(path=path, opset=opset, ir_version=irv, n_dequantize=n_dq, n_weights=0,
                               n_golden=0, file_bytes=nbytes, ort_load=ort_state, ort_run=ort_run,
-                              n_matmulnbits=sum(n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN
-                                                for n in model.graph))
-    _golden(model, quantized, targets, report, tables)
+                              n_matmulnbits=n_nbits)
+    _golden(_read_back(path), quantized, targets, report, tables)
     report.seconds = time.perf_counter() - t0
     return report

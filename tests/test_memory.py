@@ -127,8 +127,9 @@ def test_embedding_table_in_row_blocks_is_the_same(monkeypatch):
 # A Llama-shaped model just over 2 GB (fp32, external data): embedding and lm_head kept float, so that the output
 # is over the 1.8 GB external-data threshold as well. About a minute on 2 cores; opt-in.
 BIG = Shape(hidden=1024, layers=4, ffn=2816, vocab=256_000, heads=16, kv_heads=4)
-# the bound: under the model's own size. Measured 2026-12-07 on the 2-core bench box: see docs/scaling.md
-BIG_RSS_BOUND = 2.0e9
+# the bound: under half the model's size. Measured 2026-12-07 on the 2-core box: 0.59 GB (model 2.28 GB, output 2.14
+# GB); docs/scaling.md has the figures
+BIG_RSS_BOUND = 1.0e9
 
 
 @pytest.mark.slow
@@ -153,6 +154,8 @@ def test_two_gigabyte_model_bounded_memory(tmp_path):
     assert [(p.stat().st_mtime_ns, p.stat().st_size) for p in files] == before
     data = out.with_name(out.name + ".data")
     assert data.exists() and data.stat().st_size > 2e9
+    print(f"model {BIG.n_bytes() / 1e9:.2f} GB, output {data.stat().st_size / 1e9:.2f} GB, peak RSS "
+          f"{peak['peak'] / 1e9:.2f} GB")
     assert peak["reported"] <= peak["peak"] < BIG_RSS_BOUND, f"peak RSS {peak['peak'] / 1e9:.2f} GB"
 
 

@@ -516,6 +516,9 @@ def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], tar
     if ort_load:
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        # the graph is optimized (fused) as a deployment's would be, but float weights are not pre-packed into
+        # copies of their own: a check of what runs, not of how fast (a float lm_head would be copied whole)
+        so.add_session_config_entry("session.disable_prepacking", "1")
         try:
             session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as err:

@@ -28,6 +28,8 @@ from .export import export_model, validate_export
 from .export.gather import QuantizedTable, export_tables
 from .export.qdq import default_opset, ir_version_for_opset, upgrade_opset
 from .formats import IntGrid, QuantizedWeight, make_grid
+from .formats import spill
+from .formats.spill import SpilledWeights
 from .formats.table import quantize_table
 from .graph.io import OutputStage, check_output_path, run_inputs
 from .graph.preflight import (Preflight, check_free_space, check_input_model, describe_ops, estimate_output_bytes,
@@ -35,6 +37,7 @@ from .graph.preflight import (Preflight, check_free_space, check_input_model, de
 from .graph.embeddings import (EmbeddingTable, find_embedding_tables, find_heads, tied_heads, untie_heads,
                                untie_transposed_tables)
 from .graph.model import load_model, read_initializer
+from .memory import peak_rss_bytes, trim
 from .graph.schedule import build_schedule
 from .precision import (LayerPlan, apply_target_bits, average_bits, is_mixed, promote, resolve_plan,
                         storage_bits)
@@ -88,6 +91,7 @@ class QuantResult:
     n_samples: int = 0
     transforms: dict = field(default_factory=dict)  # TransformLog.to_dict(): notes, float rotation nodes
     output_bytes: int = 0
+    peak_rss_bytes: int = 0  # the process's peak resident memory up to the report (ru_maxrss; see peak_rss_bytes())
     precision: dict = field(default_factory=dict)  # the bit budget and what it promoted (--target-bits)
     embeddings: list[dict] = field(default_factory=list)  # QuantizedTable.report() of each quantized table
     lm_head: dict = field(default_factory=dict)  # mode, head nodes, heads untied from a table
@@ -296,7 +300,7 @@ def _quantize_pinned(model_path, calib, output_path, cfg: QuantConfig, *, tokeni
     acts = _plan_activations(model, targets, samples, plans, cfg, device)
     t_act_calib = time.perf_counter() - t0
 
-    quantized: dict[str, QuantizedWeight] = {}
+    quantized = _code_store(targets)
     reports: list[LayerReport] = []
     ckpt = None
     t_capture0 = time.perf_counter()
@@ -323,6 +327,8 @@ def _quantize_pinned(model_path, calib, output_path, cfg: QuantConfig, *, tokeni
                     new = _round_wave(model, wave_targets, stats, cfg, device, quantized, reports, plans, dist)
                     t_round += time.perf_counter() - t0
                     engine.set_weights(new)
+                    del new, stats
+                    trim()  # the wave's sessions, weights and statistics: given back before the next (memory.py)
                     done += 1
                     if checkpoint:
                         ckpt.save(engine, engine.wave, done, total, quantized, reports)
@@ -407,6 +413,7 @@ def _quantize_pinned(model_path, calib, output_path, cfg: QuantConfig, *, tokeni
                      "total": time.perf_counter() - t_start},
             n_samples=len(samples),
             output_bytes=_file_bytes(staged),
+            peak_rss_bytes=peak_rss_bytes(),
             transforms=transform_log.to_dict(),
             precision={"weight_bits_average": round(average_bits(everything, plans), 4), "mixed": mixed,
                        **(budget.to_dict() if budget is not None else {})},
@@ -423,7 +430,16 @@ def _quantize_pinned(model_path, calib, output_path, cfg: QuantConfig, *, tokeni
         stage.commit()
     if ckpt is not None:
         ckpt.remove()
+    if isinstance(quantized, SpilledWeights):
+        quantized.close()
     return result
+
+
+def _code_store(targets: list[Target]) -> dict[str, QuantizedWeight]:
+    """Where the run keeps its quantized weights: on disk past ``spill.SPILL_MIN_BYTES`` of codes (one byte per
+    weight), in memory below (formats/spill.py)."""
+    sizes = {t.weight_name: math.prod(t.weight_shape) for t in targets}
+    return SpilledWeights() if sum(sizes.values()) >= spill.SPILL_MIN_BYTES else {}
 
 
 _NOT_RUN = "not run (data-free run: the output passes onnx.checker)"
@@ -668,8 +684,9 @@ class _Solved:
 
 
 def _solve_batch(batch: list[_Unit], measured: bool, cfg: QuantConfig, device: torch.device) -> _Solved:
-    W = torch.cat([u.W for u in batch])  # [B, rows, cols]
-    grid = _cat_grids([u.grid for u in batch])
+    # [B, rows, cols]; a batch of one is used as it is (a copy of an lm_head is hundreds of MB)
+    W = torch.cat([u.W for u in batch]) if len(batch) > 1 else batch[0].W
+    grid = _cat_grids([u.grid for u in batch]) if len(batch) > 1 else batch[0].grid
     H, G, F = ((torch.cat([getattr(u.stats, m) for u in batch]).to(device) if measured else None)
                for m in "HGF")
     t0 = time.perf_counter()
@@ -772,6 +789,7 @@ def _round_data_free(model, targets: list[Target], cfg: QuantConfig, device: tor
     for wave in build_schedule(model, targets).waves:
         if wave:
             _round_wave(model, wave, None, cfg, device, quantized, reports, plans)
+            trim()  # the wave's float copies go back to the system before the next wave reads its weights
     return time.perf_counter() - t0
 
 
@@ -846,6 +864,7 @@ def _report_dict(result: QuantResult, model_path) -> dict:
         "model": str(model_path),
         "output": str(result.output_path),
         "output_bytes": result.output_bytes,
+        "peak_rss_bytes": result.peak_rss_bytes,
         "calibration_samples": result.n_samples,
         "timings_seconds": result.timings,
         "config": result.config.to_dict(),

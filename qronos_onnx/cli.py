@@ -300,7 +300,8 @@ def format_summary(result, top: int = 10) -> str:
         f"{' g' + str(cfg.weights.group_size) if cfg.weights.group_size else ' per-channel'}"
         f" {'sym' if cfg.weights.symmetric else 'asym'}, {result.n_samples} calibration samples"
         + (f", activations {_act_summary(cfg.activations)}" if cfg.activations.enabled else ""),
-        "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()),
+        "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+        + (f"; peak memory {result.peak_rss_bytes / 1e9:.2f} GB resident" if result.peak_rss_bytes else ""),
         f"config: {result.config_path}   report: {result.report_path}",
         "",
         "worst layers (relative output error ||XW - X~Q|| / ||XW||):" if not result.data_free else
@@ -560,6 +561,7 @@ def load_report(path: str | Path):
                        timings={k: float(v) for k, v in timings.items() if isinstance(v, (int, float))},
                        n_samples=int(data.get("calibration_samples") or 0),
                        output_bytes=int(data.get("output_bytes") or 0),
+                       peak_rss_bytes=int(data.get("peak_rss_bytes") or 0),
                        embeddings=[e for e in data.get("embeddings") or [] if isinstance(e, dict)
                                    and {"table", "shape", "bits", "group_size", "symmetric", "form"} <= set(e)],
                        lm_head=data.get("lm_head") if isinstance(data.get("lm_head"), dict) else {})

@@ -105,7 +105,11 @@ def test_failed_save_leaves_existing_output_intact(tmp_path, monkeypatch, extern
         Path(f).write_bytes(data[: len(data) // 2])
         raise OSError(28, "No space left on device")
 
+    def half_streamed(model, f):  # the inline writer (graph/io.py save_streamed) dying the same way
+        half_save(ir.serde.serialize_model(model), f)
+
     monkeypatch.setattr(onnx, "save", half_save)
+    monkeypatch.setattr(gio, "save_streamed", half_streamed)
     with pytest.raises(ExportError, match=r"failed to write '.*q\.onnx'.*No space left"):
         save_model(model, out, external_data=external, overwrite=True)
     monkeypatch.setattr(onnx, "save", real_save)

@@ -15,8 +15,11 @@ The codes, scales and zero points are packed from the QuantizedWeight as they ar
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -298,15 +301,30 @@ def _const(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
     return value
 
 
+def _deferred(enc: WeightEncoding) -> WeightEncoding:
+    """``enc`` without its codes array (a zero-size broadcast view of the same shape and dtype stands in): the
+    codes initializer is a LazyTensor that encodes again when the file is written, tensor by tensor, so that the
+    export never holds every weight's codes at once (they are checked here, and re-encoding gives the same ones)."""
+    return dataclasses.replace(enc, codes=np.broadcast_to(np.zeros((), enc.codes.dtype), enc.codes.shape))
+
+
 def _rewire(model: ir.Model, enc: WeightEncoding, targets: list[Target], nodes: dict[str, ir.Node],
-            taken: set[str]) -> int:
-    """Add the codes/scale/zero-point initializers of one weight and a DQ in front of each consumer."""
+            taken: set[str], codes: ir.TensorProtocol | None = None) -> int:
+    """Add the codes/scale/zero-point initializers of one weight and a DQ in front of each consumer; ``codes``:
+    the codes tensor to store (default: ``enc.codes`` in memory)."""
     graph = model.graph
     w = enc.weight_name
     old = graph.initializers.get(w)
     if old is None:
         raise ExportError(f"weight initializer {w!r} is not in the model's main graph")
-    codes = _const(graph, _unique(f"{w}_quantized", taken), enc.codes)
+    if codes is None:
+        codes = _const(graph, _unique(f"{w}_quantized", taken), enc.codes)
+    else:
+        name = _unique(f"{w}_quantized", taken)
+        codes.name = name
+        codes = ir.Value(name=name, shape=ir.Shape(enc.codes.shape), type=ir.TensorType(codes.dtype),
+                         const_value=codes)
+        graph.register_initializer(codes)
     scale = _const(graph, _unique(f"{w}_scale", taken), enc.scale)
     zp = None if enc.zero_point is None else _const(graph, _unique(f"{w}_zero_point", taken), enc.zero_point)
     attrs = {"axis": enc.axis}
@@ -355,6 +373,7 @@ def export_qdq(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: 
     for t in targets:
         by_weight.setdefault(t.weight_name, []).append(t)
     encodings: list[tuple[WeightEncoding, list[Target]]] = []
+    encoders: dict[str, Callable[[], WeightEncoding]] = {}
     formats: set[str] = set()
     for name, qw in quantized.items():
         ts = by_weight.get(name)
@@ -362,11 +381,12 @@ def export_qdq(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: 
             raise ExportError(f"quantized weight {name!r} has no target node in the target list")
         target = _check_layout(name, ts)
         if qw.format == "int":
-            enc = encode_weight(name, qw, target)
+            encode = functools.partial(encode_weight, name, qw, target)
         else:
-            enc = encode_element_weight(name, qw, target, canonical=(dialect == "mx"))
+            encode = functools.partial(encode_element_weight, name, qw, target, canonical=(dialect == "mx"))
         formats.add(qw.format)
-        encodings.append((enc, ts))
+        encodings.append((_deferred(encode()), ts))
+        encoders[name] = encode
 
     need = max((e.opset for e, _ in encodings), default=13)
     current = default_opset(model)
@@ -377,7 +397,9 @@ def export_qdq(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: 
 
     nodes = {n.name: n for n in model.graph if n.name}
     taken = _all_names(model)
-    n_dq = sum(_rewire(model, enc, ts, nodes, taken) for enc, ts in encodings)
+    n_dq = sum(_rewire(model, enc, ts, nodes, taken, codes=ir.LazyTensor(
+        lambda encode=encoders[enc.weight_name]: ir.Tensor(encode().codes),
+        dtype=ir.DataType.from_numpy(enc.codes.dtype), shape=ir.Shape(enc.codes.shape))) for enc, ts in encodings)
 
     props = model.metadata_props
     props.update({str(k): str(v) for k, v in metadata.items()})

@@ -10,7 +10,7 @@ is run by onnxruntime over every row of its table (indices 0 .. V-1) and must gi
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import math
 import time
@@ -26,10 +26,12 @@ from onnx import helper
 from ..errors import ExportError
 from ..formats import QuantizedWeight
 from ..graph.io import data_path_for
+from ..graph.model import read_external, release
+from ..memory import collect, trim
 from ..graph.targets import Target
 from .matmulnbits import MS_DOMAIN, decode_matmulnbits_nk
 
-GOLDEN_CHUNK_BYTES = 256 * 2**20  # DQ outputs computed per golden sub-model
+GOLDEN_CHUNK_BYTES = 64 * 2**20  # DQ outputs computed per golden sub-model (each held 3-4 times while checked)
 
 # element type -> (min opset of DequantizeLinear accepting it, min IR version that defines it)
 _DQ_INPUT_TYPES: dict[ir.DataType, tuple[int, int]] = {
@@ -269,6 +271,12 @@ def _expected(t: Target, qw: QuantizedWeight, consumer: ir.Node) -> np.ndarray:
     return w.numpy()
 
 
+def _owned(t: ir.TensorProtocol) -> np.ndarray:
+    """The tensor's values; read from the written file without leaving its mapping (or onnx-ir's unpacked 4-bit
+    copy) alive, so that checking weight after weight does not accumulate them all in memory."""
+    return read_external(t) if isinstance(t, ir.ExternalTensor) else np.asarray(t.numpy())
+
+
 def _golden_model(dqs: list[ir.Node], opset: int, ir_version: int) -> onnx.ModelProto:
     """A model whose outputs are the given DQ nodes' outputs, with their initializers read into memory."""
     inits: dict[str, onnx.TensorProto] = {}
@@ -277,8 +285,7 @@ def _golden_model(dqs: list[ir.Node], opset: int, ir_version: int) -> onnx.Model
         for v in dq.inputs:
             if v is not None and v.name not in inits:
                 t = v.const_value
-                inits[v.name] = ir.serde.serialize_tensor(ir.Tensor(np.asarray(t.numpy()), dtype=t.dtype,
-                                                                    name=v.name))
+                inits[v.name] = ir.serde.serialize_tensor(ir.Tensor(_owned(t), dtype=t.dtype, name=v.name))
         nodes.append(ir.serde.serialize_node(dq))
         out_type = _attr_int(dq, "output_dtype", 0) or int(dq.inputs[1].const_value.dtype)
         outputs.append(helper.make_tensor_value_info(dq.outputs[0].name, out_type, None))
@@ -321,13 +328,13 @@ def _golden_gbq(model: ir.Model, node: ir.Node, exp: np.ndarray, table: str) -> 
             ins.append("")
             continue
         t = v.const_value
-        inits.append(ir.serde.serialize_tensor(ir.Tensor(np.asarray(t.numpy()), dtype=t.dtype, name=v.name)))
+        inits.append(ir.serde.serialize_tensor(ir.Tensor(_owned(t), dtype=t.dtype, name=v.name)))
         ins.append(v.name)
-    inits.append(onnx.numpy_helper.from_array(np.arange(exp.shape[0], dtype=np.int64), "__all_rows"))
     attrs = {k: a.value for k, a in node.attributes.items()}
     gnode = helper.make_node("GatherBlockQuantized", ins, ["__table"], domain=MS_DOMAIN, name=node.name, **attrs)
     out_type = int(node.inputs[2].const_value.dtype)
-    graph = helper.make_graph([gnode], "qronos_golden_gather", [],
+    graph = helper.make_graph([gnode], "qronos_golden_gather",
+                              [helper.make_tensor_value_info("__all_rows", onnx.TensorProto.INT64, [None])],
                               [helper.make_tensor_value_info("__table", out_type, None)], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", int(model.opset_imports.get("", 21))),
                                                     helper.make_opsetid(MS_DOMAIN, 1)],
@@ -335,12 +342,20 @@ def _golden_gbq(model: ir.Model, node: ir.Node, exp: np.ndarray, table: str) -> 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
+    what = f"GatherBlockQuantized {node.name!r} for table {table!r}"
+    rows = max(1, GOLDEN_CHUNK_BYTES // max(1, exp[:1].nbytes))  # every row, a chunk of rows per call
     try:
-        got = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {})[0]
+        sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        del proto
+        for r0 in range(0, max(exp.shape[0], 1), rows):
+            got = sess.run(None, {"__all_rows": np.arange(r0, min(r0 + rows, exp.shape[0]), dtype=np.int64)})[0]
+            _check_exact(got, exp[r0 : r0 + rows], what + (f" (rows {r0}..{r0 + len(got) - 1})" if rows < len(exp)
+                                                           else ""), "the expected table")
+    except ExportError:
+        raise
     except Exception as err:
-        _fail(f"GatherBlockQuantized {node.name!r} for table {table!r} cannot be run by onnxruntime: "
+        _fail(f"{what} cannot be run by onnxruntime: "
               f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}")
-    _check_exact(got, exp, f"GatherBlockQuantized {node.name!r} for table {table!r}", "the expected table")
 
 
 def _check_exact(got, exp: np.ndarray, what: str, reference: str) -> None:
@@ -348,8 +363,9 @@ def _check_exact(got, exp: np.ndarray, what: str, reference: str) -> None:
     got = np.asarray(got)
     if got.dtype != exp.dtype or got.shape != exp.shape:
         _fail(f"{what} gives {got.dtype}{list(got.shape)}, expected {exp.dtype}{list(exp.shape)}")
-    if got.tobytes() != np.ascontiguousarray(exp).tobytes():
-        bad = got.view(f"u{got.itemsize}") != np.ascontiguousarray(exp).view(f"u{exp.itemsize}")
+    g, e = np.ascontiguousarray(got).view(f"u{got.itemsize}"), np.ascontiguousarray(exp).view(f"u{exp.itemsize}")
+    if not np.array_equal(g, e):  # the bits, without two byte copies of the pair
+        bad = g != e
         diff = float(np.max(np.abs(got.astype(np.float64) - exp.astype(np.float64))))
         _fail(f"{what} differs from {reference} at {int(bad.sum())} of {bad.size} elements (max |diff| {diff:.3g})")
 
@@ -357,7 +373,8 @@ def _check_exact(got, exp: np.ndarray, what: str, reference: str) -> None:
 def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: list[Target],
             report: ValidationReport, tables=()) -> None:
     nodes = {n.name: n for n in model.graph if n.name}
-    checks: list[tuple[ir.Node, np.ndarray, str, str]] = []  # dq, expected, weight, consumer
+    # dq, expected (a function: the solver's values are made chunk by chunk, never all at once), weight, consumer
+    checks: list[tuple[ir.Node, Callable[[], np.ndarray], int, str, str]] = []
     for qt in tables:
         exp = _table_expected(qt)
         if not qt.nodes:
@@ -375,7 +392,7 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
             if dq is None or dq.op_type != "DequantizeLinear":
                 _fail(f"table {qt.table.name!r} of node {name!r} is not read through a DequantizeLinear or "
                       f"GatherBlockQuantized in the written file")
-            checks.append((dq, exp, qt.table.name, name))
+            checks.append((dq, lambda exp=exp: exp, exp.nbytes, qt.table.name, name))
         report.n_tables += 1
     n_nbits = 0
     by_weight: dict[str, list[Target]] = {}
@@ -392,6 +409,8 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
                 _fail(f"node {t.name!r} (consumer of weight {w!r}) is missing from the written file")
             if node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN:
                 _golden_nbits(node, _expected_nk(qw), w)
+                for v in node.inputs:
+                    release(v.const_value if v is not None else None)
                 report.golden_engines["numpy-matmulnbits"] = report.golden_engines.get("numpy-matmulnbits", 0) + 1
                 n_nbits += 1
                 continue
@@ -399,10 +418,11 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
             dq = inp.producer() if inp is not None else None
             if dq is None or dq.op_type != "DequantizeLinear":
                 _fail(f"weight {w!r} of node {t.name!r} is not read through a DequantizeLinear in the written file")
-            checks.append((dq, _expected(t, qw, node), w, t.name))
+            nbytes = math.prod(t.weight_shape) * np.dtype(t.weight_dtype).itemsize
+            checks.append((dq, lambda t=t, qw=qw, node=node: _expected(t, qw, node), nbytes, w, t.name))
     opset, irv = int(model.opset_imports.get("", 1)), int(model.ir_version)
     seen: set[int] = set()
-    chunk: list[tuple[ir.Node, np.ndarray, str, str]] = []
+    chunk: list[tuple[ir.Node, Callable[[], np.ndarray], int, str, str]] = []
     size = 0
     todo = []
     for item in checks:
@@ -410,7 +430,7 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
             continue
         seen.add(id(item[0]))
         chunk.append(item)
-        size += item[1].nbytes
+        size += item[2]
         if size >= GOLDEN_CHUNK_BYTES:
             todo.append(chunk)
             chunk, size = [], 0
@@ -418,11 +438,13 @@ def _golden(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: lis
         todo.append(chunk)
     for chunk in todo:
         outs, engine = _run_golden(_golden_model([c[0] for c in chunk], opset, irv))
-        for (dq, exp, w, consumer), got in zip(chunk, outs):
-            _check_exact(got, exp, f"DequantizeLinear {dq.name!r} for weight {w!r} (node {consumer!r})",
+        for (dq, expected, _, w, consumer), got in zip(chunk, outs):
+            _check_exact(got, expected(), f"DequantizeLinear {dq.name!r} for weight {w!r} (node {consumer!r})",
                          "the solver's values")
             report.golden_engines[engine] = report.golden_engines.get(engine, 0) + 1
             report.n_golden += 1
+        del outs
+        trim()
     report.n_golden += n_nbits
     report.n_weights = len(quantized)
 
@@ -446,6 +468,13 @@ def _golden_nbits(node: ir.Node, exp: np.ndarray, w: str) -> None:
               f"{bad.size} elements (max |diff| {diff:.3g})")
 
 
+def _read_back(path: Path) -> ir.Model:
+    try:
+        return ir.load(str(path))
+    except Exception as err:
+        _fail(f"exported model {str(path)!r} cannot be read back: {err}")
+
+
 def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], targets: list[Target], *,
                     ort_load: bool | None = None, checker: bool = True, tables=(),
                     sample: Mapping[str, np.ndarray] | None = None) -> ValidationReport:
@@ -462,18 +491,20 @@ def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], tar
     path = Path(path)
     if not path.is_file():
         _fail(f"exported model {str(path)!r} does not exist")
-    try:
-        model = ir.load(str(path))
-    except Exception as err:
-        _fail(f"exported model {str(path)!r} cannot be read back: {err}")
+    model = _read_back(path)
     opset, irv = int(model.opset_imports.get("", 1)), int(model.ir_version)
     dqs = _spec_checks(model)
+    n_dq, why_not = len(dqs), _ort_unrunnable(dqs)
+    n_nbits = sum(n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN for n in model.graph)
+    # the checker and onnxruntime read the file themselves: our copy (all of a self-contained file's tensors) goes
+    # while they hold theirs, and is read again for the golden check
+    del model, dqs
+    collect()
     if checker:
         try:
             onnx.checker.check_model(str(path), full_check=True)
         except Exception as err:
             _fail(f"exported model {str(path)!r} fails onnx.checker: {str(err).strip().splitlines()[0]}")
-    why_not = _ort_unrunnable(dqs)
     if not checker and why_not is not None:
         _fail(f"exported model {str(path)!r} cannot be validated: the input fails onnx.checker, so onnxruntime must "
               f"load the output, but it cannot run {why_not}; choose an export onnxruntime runs")
@@ -485,19 +516,23 @@ def validate_export(path: str | Path, quantized: dict[str, QuantizedWeight], tar
     if ort_load:
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        # the graph is optimized (fused) as a deployment's would be, but float weights are not pre-packed into
+        # copies of their own: a check of what runs, not of how fast (a float lm_head would be copied whole)
+        so.add_session_config_entry("session.disable_prepacking", "1")
         try:
             session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as err:
             _fail(f"onnxruntime cannot load exported model {str(path)!r}: {str(err).strip().splitlines()[0]}")
         ort_run = _run_sample(session, path, sample)
+        del session  # its copy of every weight goes before the golden runs read them again
+        collect()  # freed in onnxruntime's threads' arenas: given back, or it stays resident (memory.py)
     else:
         ort_run = "not run: the file is not loaded in onnxruntime"
     data = data_path_for(path)
     nbytes = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-    report = ValidationReport(path=path, opset=opset, ir_version=irv, n_dequantize=len(dqs), n_weights=0,
+    report = ValidationReport(path=path, opset=opset, ir_version=irv, n_dequantize=n_dq, n_weights=0,
                               n_golden=0, file_bytes=nbytes, ort_load=ort_state, ort_run=ort_run,
-                              n_matmulnbits=sum(n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN
-                                                for n in model.graph))
-    _golden(model, quantized, targets, report, tables)
+                              n_matmulnbits=n_nbits)
+    _golden(_read_back(path), quantized, targets, report, tables)
     report.seconds = time.perf_counter() - t0
     return report

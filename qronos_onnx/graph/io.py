@@ -8,16 +8,16 @@ puts the old data file back; only a crash between the two renames can leave a ne
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
 
+import numpy as np
 import onnx_ir as ir
 
 from ..errors import ExportError
+from .model import read_external, release
 
 # protobuf cannot serialize a message over 2 GiB; stay clear of it with the graph's own bytes on top
 EXTERNAL_DATA_THRESHOLD_BYTES = int(1.8e9)
@@ -156,30 +156,6 @@ def external_sources(model: ir.Model) -> set[Path]:
     return out
 
 
-@contextlib.contextmanager
-def _materialized(model: ir.Model) -> Iterator[None]:
-    """Temporarily replace ExternalTensors by in-memory copies, so an inline save embeds the bytes.
-
-    Without this, onnx-ir writes an ExternalTensor back as a reference to its *input* location, which is wrong (or
-    missing) relative to the output folder.
-    """
-    saved: list[tuple[ir.Value, ir.ExternalTensor]] = []
-    try:
-        for v in _initializer_values(model):
-            t = v.const_value
-            if isinstance(t, ir.ExternalTensor):
-                try:
-                    arr = t.numpy()
-                except Exception as err:
-                    raise ExportError(f"cannot read external data of tensor {v.name!r} from {t.path!r}: {err}") from None
-                saved.append((v, t))
-                v.const_value = ir.Tensor(arr, dtype=t.dtype, name=t.name, doc_string=t.doc_string)
-        yield
-    finally:
-        for v, t in saved:
-            v.const_value = t
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -193,8 +169,98 @@ def _write(model: ir.Model, path: Path, external: bool) -> None:
     if external:
         ir.save(model, path, external_data=data_path_for(path).name, size_threshold_bytes=EXTERNAL_SIZE_THRESHOLD)
     else:
-        with _materialized(model):
-            ir.save(model, path)
+        save_streamed(model, path)
+
+
+STREAM_MIN_BYTES = 64 << 10  # initializers this large are written one by one after the rest of the model
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _empty() -> ir.Tensor:
+    return ir.Tensor(np.zeros(0, np.uint8))
+
+
+def _streamable(t) -> bool:
+    """Tensors written from their own bytes: not a parsed proto (may hold typed fields) nor strings."""
+    if isinstance(t, ir.ExternalTensor):  # whatever its size: its bytes must land in the file, not a reference
+        return True
+    return (t is not None and not isinstance(t, (ir.serde.TensorProtoTensor, ir.StringTensor))
+            and t.dtype != ir.DataType.STRING and t.nbytes >= STREAM_MIN_BYTES)
+
+
+def save_streamed(model: ir.Model, path: str | Path) -> None:
+    """One self-contained .onnx file, written tensor by tensor: the large initializers of the main graph are appended
+    to the graph message one at a time (their bytes read, encoded or copied only when their turn comes), instead of
+    serializing the whole model into one protobuf in memory first (two copies of every weight).
+
+    The bytes are an ordinary ModelProto: protobuf parsers accept a message's fields in any order, so each tensor is
+    written as its metadata followed by its ``raw_data`` field, and those tensors follow the graph's other fields.
+    """
+    path = Path(path)
+    graph = model.graph
+    streamed = [(v.name, v.const_value) for v in graph.initializers.values() if _streamable(v.const_value)]
+    values = {name: graph.initializers[name] for name, _ in streamed}
+    # subgraphs' external tensors (rare, small) are read into memory for the one serialization
+    inner = [(v, v.const_value) for g in model.graphs() if g is not graph for v in g.initializers.values()
+             if isinstance(v.const_value, ir.ExternalTensor)]
+    try:
+        for name, t in streamed:  # stand-ins with the same name, type and shape, and no data
+            values[name].const_value = ir.LazyTensor(_empty, dtype=t.dtype, shape=t.shape, name=t.name,
+                                                     doc_string=t.doc_string, metadata_props=dict(t.metadata_props))
+        for v, t in inner:
+            try:
+                v.const_value = ir.Tensor(read_external(t), dtype=t.dtype, name=t.name, doc_string=t.doc_string)
+            except Exception as err:
+                raise ExportError(f"cannot read external data of tensor {v.name!r} from {t.path!r}: {err}") from None
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for name, t in streamed:
+            values[name].const_value = t
+        for v, t in inner:
+            v.const_value = t
+    names = {name for name, _ in streamed}
+    metas = {}
+    kept = []
+    for tp in proto.graph.initializer:
+        if tp.name in names:
+            tp.ClearField("raw_data")
+            metas[tp.name] = tp.SerializeToString()
+        else:
+            kept.append(tp)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    graph_bytes = proto.graph.SerializeToString()
+    proto.ClearField("graph")
+    heads = []
+    for name, t in streamed:
+        n = int(t.nbytes)
+        body = metas[name] + b"\x4a" + _varint(n)  # TensorProto.raw_data = 9, length-delimited
+        entry_len = len(body) + n
+        heads.append((b"\x2a" + _varint(entry_len) + body, n))  # GraphProto.initializer = 5
+    graph_len = len(graph_bytes) + sum(len(h) + n for h, n in heads)
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+        f.write(b"\x3a" + _varint(graph_len) + graph_bytes)  # ModelProto.graph = 7
+        for (name, t), (head, n) in zip(streamed, heads):
+            f.write(head)
+            f.flush()
+            start = f.tell()
+            try:
+                t.tofile(f)
+            except Exception as err:
+                raise ExportError(f"cannot write tensor {name!r}: {type(err).__name__}: {err}") from None
+            f.seek(0, os.SEEK_END)
+            if f.tell() - start != n:
+                raise ExportError(f"tensor {name!r} gave {f.tell() - start} bytes, its type and shape need {n}")
+            release(t)
 
 
 class OutputStage:

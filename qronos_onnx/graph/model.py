@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from ..errors import ModelError
@@ -32,16 +33,43 @@ def default_opset(model: ir.Model) -> int:
 
 
 def read_initializer(value: ir.Value):
-    """The numpy array of a constant value, reading external data if needed, with a clear error if it is gone."""
+    """The numpy array of a constant value, reading external data if needed, with a clear error if it is gone.
+
+    External data is read into an array of its own and the file's mapping closed again (``read_external``): a
+    mapped page the process has touched counts in its resident memory for as long as the mapping lives, so keeping
+    onnx-ir's whole-file mappings open would make every weight ever read resident until the end of the run.
+    """
     tensor = value.const_value
     if tensor is None:
         raise ModelError(f"tensor {value.name!r} is not a constant initializer")
     try:
-        return tensor.numpy()
+        return read_external(tensor) if isinstance(tensor, ir.ExternalTensor) else tensor.numpy()
     except FileNotFoundError as err:
         raise ModelError(f"external data of tensor {value.name!r} is missing: {err}") from None
     except Exception as err:
         raise ModelError(f"cannot read tensor {value.name!r}: {err}") from None
+
+
+def read_external(tensor: ir.ExternalTensor) -> np.ndarray:
+    """A private copy of an external tensor's data; the tensor's memory map (if this opened one) is closed.
+
+    Memory then belongs to the returned array alone and goes when the caller drops it. A mapping some other reader
+    still holds a view of stays open (closing it would fail); it goes with the tensor.
+    """
+    had_map = tensor.raw is not None
+    arr = np.array(tensor.numpy(), copy=True)
+    if not had_map:
+        release(tensor)
+    return arr
+
+
+def release(tensor) -> None:
+    """Close an ExternalTensor's memory map (its touched pages stop counting as ours); other tensors: nothing."""
+    if isinstance(tensor, ir.ExternalTensor) and tensor.raw is not None:
+        try:
+            tensor.release()
+        except BufferError:  # a view of the map is still alive somewhere: leave it, it is closed with the tensor
+            pass
 
 
 def graph_names(graph: ir.Graph) -> set[str]:

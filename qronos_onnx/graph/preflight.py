@@ -55,6 +55,9 @@ def check_input_model(path: str | Path) -> Preflight:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # a load check, not a compile
+    # no pre-packed copies of the weights: onnxruntime maps external data and, unpacked, never reads it here
+    # (measured on a 1.6 GB fp32 model: 1.3 GB resident after the load with pre-packing, 57 MB without)
+    so.add_session_config_entry("session.disable_prepacking", "1")
     try:
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as err:

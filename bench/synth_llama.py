@@ -136,7 +136,6 @@ def build(path: str | Path, shape: Shape = Shape(), seed: int = 0) -> Path:
         return out
 
     try:
-        std = 1.0 / math.sqrt(h)
         inits.append(w.random("embed_tokens.weight", (shape.vocab, h), 1.0))
         axes = const("axes_last", np.array([-1], np.int64))
         eps = const("rms_eps", np.array(1e-5, dt))

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from bench.synth_llama import Shape, build
-from qronos_onnx import api
 from qronos_onnx.api import quantize
 from qronos_onnx.config import EmbeddingConfig, WeightQuantConfig, load_recipe
 from qronos_onnx.export.qdq import encode_weight

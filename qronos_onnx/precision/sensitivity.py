@@ -66,6 +66,10 @@ class Candidate:
     round: int = 0  # in-context: the round of its last measurement
 
     @property
+    def weight_names(self) -> list[str]:
+        return self.weights or [self.weight]
+
+    @property
     def nodes(self) -> list[str]:
         return [t.name for t in self.targets]
 
@@ -89,7 +93,7 @@ class BudgetResult:
             "final_bits": round(self.final_bits, 4), "promoted": self.promoted, "forward_passes": self.runs,
             "seconds": round(self.seconds, 2), "method": self.method, "measure": _MEASURES[self.method],
             "rounds": self.rounds,
-            "sensitivity": [{"weight": c.weight, "weights": c.weights or [c.weight], "nodes": c.nodes,
+            "sensitivity": [{"weight": c.weight, "weights": c.weight_names, "nodes": c.nodes,
                              "extra_bits": c.extra_bits,
                              "base_error": c.base_error, "promoted_error": c.promoted_error,
                              **({"round": c.round} if self.method == "in-context" else {})}
@@ -191,7 +195,7 @@ def apply_target_bits(model: ir.Model, targets: list[Target], everything: list[T
     for c in chosen:
         for t in c.targets:
             result.plans[t.name] = promote(plans[t.name])
-        result.promoted += c.weights or [c.weight]
+        result.promoted += c.weight_names
     result.final_bits = average_bits(everything, result.plans)
     result.seconds = time.perf_counter() - t_start
     return result

@@ -372,6 +372,7 @@ class _TableProbe:
         self.table = table
         self.context: set[str] = set()  # float
         self.runs = 0
+        self.batch = 2  # candidates measured per call of ``errors``
 
     def _base(self, plans, names):
         return {n for n in names if plans[n].source != "target-bits"}
@@ -385,6 +386,9 @@ class _TableProbe:
         self.runs += 1
         names = {t.name for t in changed}
         return self.table[frozenset((self.context - names) | self._base(plans, names))]
+
+    def errors(self, jobs):
+        return [self.error(changed, plans) for changed, plans in jobs]
 
 
 def test_in_context_sees_interactions_that_isolated_misses():
@@ -448,6 +452,10 @@ def test_probe_suffix_runs_equal_whole_model_runs(tmp_path, which):
             assert by_suffix == pytest.approx(whole, rel=1e-6, abs=1e-12), t.name
             helped += by_suffix < context  # not every promotion helps: errors interact
         assert helped > 0
+        # the pool runs candidates concurrently, each on one thread: the same numbers as one at a time
+        assert probe.workers == 2
+        jobs = [([t], {**plans, t.name: promote(plans[t.name])}) for t in targets]
+        assert probe.errors(jobs) == [probe.error(*job) for job in jobs]
 
 
 def test_a_file_onnxruntime_cannot_run_is_refused_not_written(tmp_path, monkeypatch):

@@ -31,6 +31,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +48,7 @@ from ..formats import make_grid
 from ..graph.model import read_initializer
 from ..graph.schedule import Segment, suffix_segment, target_depths
 from ..graph.targets import Target, weight_matrix
+from ..threads import pinned_threads
 from .plan import LayerPlan, average_bits, promote, storage_bits
 
 log = logging.getLogger(__name__)
@@ -234,11 +236,11 @@ def _in_context(cands: list[Candidate], room: float, plans: dict[str, LayerPlan]
             bar.total += len(measure)
             bar.refresh()
         error = probe.set_context(current)
-        for c in measure:
-            c.base_error = error
-            c.promoted_error = probe.error(c.targets, _with(current, plans, [c]))
-            c.round = r + 1
-            bar.update()
+        for start in range(0, len(measure), probe.batch):
+            chunk = measure[start:start + probe.batch]
+            for c, e in zip(chunk, probe.errors([(c.targets, _with(current, plans, [c])) for c in chunk])):
+                c.base_error, c.promoted_error, c.round = error, e, r + 1
+            bar.update(len(chunk))
         share = room / (rounds - r)
         spent = 0.0
         taken = []
@@ -265,9 +267,11 @@ def _in_context(cands: list[Candidate], room: float, plans: dict[str, LayerPlan]
 def _isolated(cands: list[Candidate], room: float, plans: dict[str, LayerPlan], probe: "_Probe",
               quiet: bool) -> list[Candidate]:
     bar = tqdm(total=len(cands), desc="sensitivity", unit="target", disable=quiet, leave=False)
-    for c in cands:
-        c.base_error = probe.error(c.targets, plans)
-        bar.update()
+    for start in range(0, len(cands), probe.batch):
+        chunk = cands[start:start + probe.batch]
+        for c, e in zip(chunk, probe.errors([(c.targets, plans) for c in chunk])):
+            c.base_error = e
+        bar.update(len(chunk))
     bar.close()
     return _greedy(cands, room, lambda c: probe.error(c.targets, _with(plans, plans, [c])))
 
@@ -342,8 +346,13 @@ class _Probe:
                         weights=list(self.float_w), initializers=inits)
         hook = self._hook if self.quantizers else None
         self.threads = cfg.capture.threads
+        # candidate passes are independent: run `workers` of them at once on one intra-op thread each, which beats
+        # one pass at a time on `workers` threads wherever a pass is too small to keep every thread busy
+        self.workers = max(1, pinned_threads(self.threads))
+        self.batch = 4 * self.workers  # candidates handed to the pool at once (the progress bar moves per batch)
         self.whole = SegmentRunner(model, whole, self.samples[0], graph_hook=hook, threads=self.threads)
         self._runners: dict[int, SegmentRunner] = {}
+        self._pool: ThreadPoolExecutor | None = None
         self._weight_cache: dict[tuple[str, object], np.ndarray] = {}
         self._input_names: dict[int, list[str]] = {}
         self.runs = 0
@@ -357,6 +366,9 @@ class _Probe:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         self.whole = None  # type: ignore[assignment]
         self._runners.clear()
 
@@ -445,8 +457,7 @@ class _Probe:
         """sum ||y - y_float||^2 / sum ||y_float||^2 over the floating-point outputs and the samples."""
         num = 0.0
         for ys, ref in zip(outputs, self.reference):
-            num += sum(float(np.sum(np.square(y.astype(np.float64) - r))) for y, r in zip(ys, ref)
-                       if np.issubdtype(y.dtype, np.floating))
+            num += sum(_squared_distance(y, r) for y, r in zip(ys, ref) if np.issubdtype(y.dtype, np.floating))
         return num / max(self.norm, 1e-30)
 
     def set_context(self, plans: Mapping[str, LayerPlan] | None) -> float:
@@ -475,31 +486,55 @@ class _Probe:
             seg = self.suffixes[k]
             arrays = {**self.samples[0], **self._context_values[0]}
             self._runners[k] = SegmentRunner(self.model, seg, {n: arrays[n] for n in seg.inputs},
-                                             graph_hook=self._hook if self.quantizers else None, threads=self.threads)
+                                             graph_hook=self._hook if self.quantizers else None,
+                                             threads=1 if self.workers > 1 else self.threads)
         return self._runners[k]
 
     def error(self, changed: Sequence[Target], plans: Mapping[str, LayerPlan]) -> float:
         """Relative output error with ``changed`` at ``plans`` and every other target as in the context."""
-        start = min(self.depth[t.name] for t in changed)
-        k = max(i for i, d in enumerate(self.cut_depths) if d <= start) if start >= self.cut_depths[0] else None
-        feeds = dict(self._context_feeds)
-        for t in changed:  # the changed targets' context settings go before their new ones are applied
-            feeds[t.weight_name] = self.float_w[t.weight_name]
-            for (node, _), name in self.switches.items():
-                if node == t.name:
-                    feeds[name] = self.zero[name]
-        feeds.update(self._feeds(changed, plans))
-        outputs = []
-        for sample, ctx_values, ctx_out in zip(self.samples, self._context_values, self._context_outputs):
-            if k is None:
-                runner, names = self.whole, self.outputs
-            else:
-                runner = self._runner(k)
-                names = runner.segment.outputs
-            got = dict(zip(names, runner.session.run(names, self._only(runner, {**sample, **ctx_values, **feeds}))))
-            outputs.append([got.get(n, old) for n, old in zip(self.outputs, ctx_out)])
-        self.runs += len(self.samples)
-        return self._error(outputs)
+        return self.errors([(changed, plans)])[0]
+
+    def errors(self, jobs: Sequence[tuple[Sequence[Target], Mapping[str, LayerPlan]]]) -> list[float]:
+        """``error`` for each (changed, plans), ``workers`` passes at a time. Weights are rounded and sessions
+        built here, in this thread; the pool only runs onnxruntime and the error sums (both release the GIL)."""
+        prepared = []
+        for changed, plans in jobs:
+            start = min(self.depth[t.name] for t in changed)
+            k = max(i for i, d in enumerate(self.cut_depths) if d <= start) if start >= self.cut_depths[0] else None
+            feeds = dict(self._context_feeds)
+            for t in changed:  # the changed targets' context settings go before their new ones are applied
+                feeds[t.weight_name] = self.float_w[t.weight_name]
+                for (node, _), name in self.switches.items():
+                    if node == t.name:
+                        feeds[name] = self.zero[name]
+            feeds.update(self._feeds(changed, plans))
+            runner = self.whole if k is None else self._runner(k)
+            names = self.outputs if k is None else runner.segment.outputs
+            self._only(runner, feeds | self.samples[0] | self._context_values[0])  # caches its input names
+            prepared.append((runner, names, feeds))
+
+        def one(job) -> float:
+            runner, names, feeds = job
+            outputs = []
+            for sample, ctx_values, ctx_out in zip(self.samples, self._context_values, self._context_outputs):
+                got = dict(zip(names, runner.session.run(names, self._only(runner, {**sample, **ctx_values,
+                                                                                     **feeds}))))
+                outputs.append([got.get(n, old) for n, old in zip(self.outputs, ctx_out)])
+            return self._error(outputs)
+
+        self.runs += len(self.samples) * len(prepared)
+        if self.workers == 1 or len(prepared) == 1:
+            return [one(job) for job in prepared]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sensitivity")
+        return list(self._pool.map(one, prepared))
+
+
+def _squared_distance(y: np.ndarray, r: np.ndarray) -> float:
+    """``sum((y - r)^2)`` accumulated in float64 without a float64 copy of the outputs (an LLM's logits are
+    ~50 MB per pass)."""
+    d = torch.from_numpy(np.asarray(y)) - torch.from_numpy(np.asarray(r))
+    return float(torch.sum(d.square_(), dtype=torch.float64))
 
 
 def _same(q: ActQuantizer, acts) -> bool:

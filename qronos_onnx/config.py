@@ -267,6 +267,7 @@ class PrecisionConfig:
     sensitivity_samples: int = 4
     sensitivity: str = "in-context"
     sensitivity_rounds: int = 3
+    sensitivity_recheck: float = 1.0  # in-context rounds after the first: the share of candidates measured again
 
     def validate(self) -> None:
         t = self.target_bits
@@ -282,6 +283,10 @@ class PrecisionConfig:
         r = self.sensitivity_rounds
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ConfigError(f"precision.sensitivity_rounds must be a positive integer, got {r!r}")
+        f = self.sensitivity_recheck
+        if not _is_number(f) or not 0.0 < float(f) <= 1.0:
+            raise ConfigError(f"precision.sensitivity_recheck must be a share of the candidates, above 0 and at "
+                              f"most 1 (e.g. 0.5), got {f!r}")
         self.layers = normalize_layer_rules(self.layers, "precision.layers")
 
 

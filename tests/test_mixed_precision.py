@@ -348,6 +348,9 @@ def test_target_bits_errors(tmp_path):
         load_recipe("w4").override({"precision.sensitivity": "hessian"})
     with pytest.raises(ConfigError, match="sensitivity_rounds must be a positive integer"):
         load_recipe("w4").override({"precision.sensitivity_rounds": 0})
+    for bad in (0, 1.5, "half"):
+        with pytest.raises(ConfigError, match="sensitivity_recheck must be a share of the candidates"):
+            load_recipe("w4").override({"precision.sensitivity_recheck": bad})
     assert not list(tmp_path.glob("[ab].onnx*"))
 
 
@@ -411,6 +414,28 @@ def test_in_context_sees_interactions_that_isolated_misses():
     assert [c.weight for c in chosen] == ["a"]  # removes 0.7 of the quantized model's 1.0
     assert rounds == [{"round": 1, "output_error": 1.0, "measured": 3, "promoted": ["a"]}]
     assert probe.runs == 4  # the context, then each candidate once; no room left for a second round
+
+
+@pytest.mark.parametrize("recheck, measured, runs", [(1.0, 2, 7), (0.5, 1, 6)])
+def test_later_rounds_measure_again_the_recheck_share(recheck, measured, runs):
+    """precision.sensitivity_recheck: rounds after the first measure again only the best share of what is left, by
+    the benefit per bit each had when last measured."""
+    from qronos_onnx.precision.sensitivity import Candidate, _in_context
+
+    names = ["a", "b", "c"]
+    table = {frozenset(): 0.0, frozenset("a"): 0.01, frozenset("b"): 0.2, frozenset("c"): 0.05,
+             frozenset("abc"): 1.0, frozenset("bc"): 0.3, frozenset("ac"): 0.8, frozenset("ab"): 0.9}
+    cfg = load_recipe("w4")
+    plans = {n: LayerPlan(cfg.weights, cfg.activations) for n in names}
+    probe = _TableProbe(names, table)
+    rounds: list[dict] = []
+    cands = [Candidate(n, [SimpleNamespace(name=n)], extra_bits=1.0) for n in names]
+    chosen = _in_context(cands, 2.0, plans, probe, 2, rounds, True, recheck=recheck)
+    assert [c.weight for c in chosen] == ["a", "b"]
+    # round 1 ranked b (0.2) above c (0.1): with half, only b is measured again (0.3 -> 0.05)
+    assert rounds[1] == {"round": 2, "output_error": 0.3, "measured": measured, "promoted": ["b"]}
+    assert probe.runs == runs
+    assert cands[2].round == (2 if recheck == 1.0 else 1)  # c keeps its round-1 measurement
 
 
 @pytest.mark.parametrize("which", ["transformer", "cnn"])

@@ -192,7 +192,8 @@ def apply_target_bits(model: ir.Model, targets: list[Target], everything: list[T
         if method == "isolated":
             chosen = _isolated(cands, room, plans, probe, quiet)
         else:
-            chosen = _in_context(cands, room, plans, probe, cfg.precision.sensitivity_rounds, result.rounds, quiet)
+            chosen = _in_context(cands, room, plans, probe, cfg.precision.sensitivity_rounds, result.rounds, quiet,
+                                 recheck=float(cfg.precision.sensitivity_recheck))
         result.runs = probe.runs
     for c in chosen:
         for t in c.targets:
@@ -213,7 +214,7 @@ def _with(plans: Mapping[str, LayerPlan], base: Mapping[str, LayerPlan], cands: 
 
 
 def _in_context(cands: list[Candidate], room: float, plans: dict[str, LayerPlan], probe: "_Probe", rounds: int,
-                log_rounds: list[dict], quiet: bool) -> list[Candidate]:
+                log_rounds: list[dict], quiet: bool, recheck: float = 1.0) -> list[Candidate]:
     """Each round: measure, in the model quantized by the current plan, what promoting each candidate alone
     removes from the output error; promote the best per added bit until the round's share of the budget (the room
     left over the rounds left) is spent. The last round may spend all that is left. Every round measures every
@@ -232,6 +233,8 @@ def _in_context(cands: list[Candidate], room: float, plans: dict[str, LayerPlan]
         if not left or room < min(c.extra_bits for c in left):
             break
         measure = left
+        if r > 0 and recheck < 1.0:  # only the best by their last measured benefit per bit
+            measure = sorted(left, key=lambda c: -_benefit(c) / c.extra_bits)[:max(1, math.ceil(recheck * len(left)))]
         if r > 0:
             bar.total += len(measure)
             bar.refresh()
@@ -525,9 +528,13 @@ class _Probe:
         self.runs += len(self.samples) * len(prepared)
         if self.workers == 1 or len(prepared) == 1:
             return [one(job) for job in prepared]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sensitivity")
-        return list(self._pool.map(one, prepared))
+        return list(self._map(one, prepared))
+
+    def _map(self, fn, items):
+        if self._pool is None:  # torch's thread count is per thread: the distances take one each
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sensitivity",
+                                            initializer=torch.set_num_threads, initargs=(1,))
+        return self._pool.map(fn, items)
 
 
 def _squared_distance(y: np.ndarray, r: np.ndarray) -> float:

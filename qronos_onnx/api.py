@@ -39,8 +39,8 @@ from .graph.embeddings import (EmbeddingTable, find_embedding_tables, find_heads
 from .graph.model import load_model, read_initializer
 from .memory import peak_rss_bytes, trim
 from .graph.schedule import build_schedule
-from .precision import (LayerPlan, apply_target_bits, average_bits, is_mixed, promote, resolve_plan,
-                        storage_bits)
+from .precision import (AUTO_SAMPLES_MAX, LayerPlan, apply_target_bits, average_bits, is_mixed, promote,
+                        resolve_plan, storage_bits)
 from .threads import pinned_threads, torch_threads
 from .transforms import TransformLog
 from .transforms.fused import FusedRotationUnsupported, fuse_rotations
@@ -290,8 +290,9 @@ def _quantize_pinned(model_path, calib, output_path, cfg: QuantConfig, *, tokeni
     stats_dtype = torch.float64 if cfg.rounding.stats_dtype == "float64" else torch.float32
     budget = None
     if cfg.precision.target_bits is not None:
-        say(f"measuring each target's sensitivity for --target-bits {cfg.precision.target_bits:g} "
-            f"({min(cfg.precision.sensitivity_samples, len(samples))} samples)")
+        n_sens = cfg.precision.sensitivity_samples
+        n_sens = min(n_sens, len(samples)) if n_sens else f"up to {min(AUTO_SAMPLES_MAX, len(samples))}"
+        say(f"measuring each target's sensitivity for --target-bits {cfg.precision.target_bits:g} ({n_sens} samples)")
         budget = apply_target_bits(model, targets, everything, samples, plans, cfg, quiet=quiet)
         plans = budget.plans
         say(f"promoted {len(budget.promoted)} of {len(targets)} targets: {budget.final_bits:.3f} bits per weight "

@@ -264,7 +264,7 @@ class PrecisionConfig:
 
     target_bits: float | None = None
     layers: list = field(default_factory=list)
-    sensitivity_samples: int = 4
+    sensitivity_samples: int | None = None  # None: enough for 65,536 output values, at most 4 (sensitivity.py)
     sensitivity: str = "in-context"
     sensitivity_rounds: int = 3
     sensitivity_recheck: float = 1.0  # in-context rounds after the first: the share of candidates measured again
@@ -275,8 +275,9 @@ class PrecisionConfig:
             raise ConfigError(f"precision.target_bits must be a number of bits per weight from 1 to 32, e.g. 4.5; "
                               f"got {t!r}")
         s = self.sensitivity_samples
-        if not isinstance(s, int) or isinstance(s, bool) or s < 1:
-            raise ConfigError(f"precision.sensitivity_samples must be a positive integer, got {s!r}")
+        if s is not None and (not isinstance(s, int) or isinstance(s, bool) or s < 1):
+            raise ConfigError(f"precision.sensitivity_samples must be a positive integer (or unset: chosen from the "
+                              f"model's output size), got {s!r}")
         if self.sensitivity not in SENSITIVITY_METHODS:
             raise ConfigError(f"precision.sensitivity must be one of {', '.join(SENSITIVITY_METHODS)}, got "
                               f"{self.sensitivity!r}")

@@ -573,3 +573,40 @@ def test_target_bits_w4a4_on_a_float16_model(tmp_path):
         None, tm.transformer_inputs(1, dtype=np.float16)[0])[0]
     assert got.dtype == np.float16 and np.isfinite(got).all()
 
+
+
+def test_cli_sensitivity_rounds_sets_the_config():
+    from qronos_onnx.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["quantize", "m.onnx", "--calib", "c", "-o", "o.onnx", "--w4a4",
+                                      "--target-bits", "5", "--sensitivity-rounds", "1"])
+    cfg = config_from_args(args)
+    assert cfg.precision.target_bits == 5 and cfg.precision.sensitivity_rounds == 1
+    plain = config_from_args(build_parser().parse_args(["quantize", "m.onnx", "--calib", "c", "-o", "o.onnx",
+                                                        "--w4a4", "--target-bits", "5"]))
+    assert plain.precision.sensitivity_rounds == 3
+
+
+@pytest.mark.parametrize("values, expect", [(None, 3), (1, 1), ("one", 1), ("one+1", 2)])
+def test_probe_samples_unset_follow_the_output_size(tmp_path, monkeypatch, values, expect):
+    """precision.sensitivity_samples unset: the fewest samples whose float outputs hold AUTO_OUTPUT_VALUES values,
+    at most AUTO_SAMPLES_MAX and the samples there are."""
+    from qronos_onnx.export.qdq import upgrade_opset
+    from qronos_onnx.precision import sensitivity as S
+
+    onnx.save(fragile_cnn(), str(tmp_path / "m.onnx"))
+    model = load_model(tmp_path / "m.onnx")
+    upgrade_opset(model, 21)
+    samples = [{"img": np.random.default_rng(i).standard_normal((4, 1, 8, 8)).astype(np.float32)} for i in range(3)]
+    cfg = load_recipe("w4")
+    assert cfg.precision.sensitivity_samples is None
+    targets = find_targets(model)
+    plans = resolve_plan(targets, cfg)
+    one = None
+    if values is not None:
+        with S._Probe(model, targets, samples, plans, cfg.override({"precision.sensitivity_samples": 1}),
+                      quiet=True) as probe:
+            one = sum(int(np.size(y)) for y in probe.reference[0])
+        monkeypatch.setattr(S, "AUTO_OUTPUT_VALUES", {1: 1, "one": one, "one+1": one + 1}[values])
+    with S._Probe(model, targets, samples, plans, cfg, quiet=True) as probe:
+        assert len(probe.samples) == expect

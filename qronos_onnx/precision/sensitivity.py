@@ -54,6 +54,10 @@ from .plan import LayerPlan, average_bits, promote, storage_bits
 log = logging.getLogger(__name__)
 
 
+AUTO_OUTPUT_VALUES = 1 << 16  # precision.sensitivity_samples unset: output values the measure should sum over
+AUTO_SAMPLES_MAX = 4
+
+
 @dataclass
 class Candidate:
     """Targets promoted together: every node reading one activation tensor (q/k/v, gate/up: they share its
@@ -85,6 +89,7 @@ class BudgetResult:
     promoted: list[str] = field(default_factory=list)  # weight names, in the order they were chosen
     candidates: list[Candidate] = field(default_factory=list)
     runs: int = 0  # forward passes of the whole model
+    samples: int = 0  # calibration samples each measurement ran
     seconds: float = 0.0
     method: str = "in-context"
     rounds: list[dict] = field(default_factory=list)  # in-context: output error and promotions per round
@@ -93,6 +98,7 @@ class BudgetResult:
         return {
             "target_bits": self.target_bits, "base_bits": round(self.base_bits, 4),
             "final_bits": round(self.final_bits, 4), "promoted": self.promoted, "forward_passes": self.runs,
+            "samples": self.samples,
             "seconds": round(self.seconds, 2), "method": self.method, "measure": _MEASURES[self.method],
             "rounds": self.rounds,
             "sensitivity": [{"weight": c.weight, "weights": c.weight_names, "nodes": c.nodes,
@@ -194,7 +200,7 @@ def apply_target_bits(model: ir.Model, targets: list[Target], everything: list[T
         else:
             chosen = _in_context(cands, room, plans, probe, cfg.precision.sensitivity_rounds, result.rounds, quiet,
                                  recheck=float(cfg.precision.sensitivity_recheck))
-        result.runs = probe.runs
+        result.runs, result.samples = probe.runs, len(probe.samples)
     for c in chosen:
         for t in c.targets:
             result.plans[t.name] = promote(plans[t.name])
@@ -217,9 +223,11 @@ def _in_context(cands: list[Candidate], room: float, plans: dict[str, LayerPlan]
                 log_rounds: list[dict], quiet: bool, recheck: float = 1.0) -> list[Candidate]:
     """Each round: measure, in the model quantized by the current plan, what promoting each candidate alone
     removes from the output error; promote the best per added bit until the round's share of the budget (the room
-    left over the rounds left) is spent. The last round may spend all that is left. Every round measures every
-    candidate left: re-measuring only the best of the last round was tried and lost 11 points of top-1 on the
-    PP-OCR classifier under MXFP4 (0.741 against 0.856), because the benefits change with the context.
+    left over the rounds left) is spent. The last round may spend all that is left. By default every round
+    measures every candidate left, because the benefits change with the context: ``recheck`` < 1 measures again
+    only that share of them, the best by their last benefit per bit, which on the PP-OCR classifier at 5 bits
+    (3 rounds, a third re-measured) cut its passes by a third or more (its seconds by 17-29 %), gained 0.7 points
+    of top-1 under W4A4 GPTQ and lost 0.9 and 3.1 under MXFP4 GPTQ and RTN (``bench/results/target_bits_cost/``).
 
     Promotions measured one at a time can raise the output error together (SmolLM2 W3: one round's 25 took it from
     0.33 to 1.16). Checking each round by a whole-model run and keeping the best prefix was tried: it lowered that
@@ -318,7 +326,8 @@ class _Probe:
         graph = model.graph
         self.float_w = {t.weight_name: read_initializer(graph.initializers[t.weight_name]) for t in targets}
         feeds_names = [v.name for v in graph.inputs if v.name not in graph.initializers]
-        n = min(cfg.precision.sensitivity_samples, len(samples))
+        asked = cfg.precision.sensitivity_samples
+        n = min(asked or AUTO_SAMPLES_MAX, len(samples))
         self.samples = [{k: np.asarray(s[k]) for k in feeds_names if k in s} for s in list(samples)[:n]]
         self.quantizers = self._quantizers(plans, samples, quiet)
         # nodes reading one tensor with the same quantizers share their subgraphs and switches (q/k/v)
@@ -360,10 +369,23 @@ class _Probe:
         self._input_names: dict[int, list[str]] = {}
         self.runs = 0
         self.reference: list[list[np.ndarray]] = []
+        if asked is None:
+            self.samples = self.samples[:self._auto_samples()]
         self.set_context(None)
         self.reference = [list(ys) for ys in self._context_outputs]
         self.norm = sum(float(np.sum(np.square(y, dtype=np.float64))) for ys in self.reference for y in ys
                         if np.issubdtype(y.dtype, np.floating))
+
+    def _auto_samples(self) -> int:
+        """``sensitivity_samples`` unset: the fewest samples whose float outputs hold ``AUTO_OUTPUT_VALUES`` values
+        (at most ``AUTO_SAMPLES_MAX``). The measure is a sum over output values: one 256-token window of an LLM
+        gives 12 M logits, plenty to rank layers by, and a pass there costs a third of a second, while a batch of 8
+        two-class predictions gives 16 values and costs milliseconds."""
+        ys = self.whole.session.run(self.outputs, self._only(self.whole, {**self.float_w, **self.zero,
+                                                                          **self.samples[0]}))
+        self.runs += 1
+        values = sum(int(np.size(y)) for y in ys if np.issubdtype(np.asarray(y).dtype, np.floating))
+        return max(1, min(len(self.samples), math.ceil(AUTO_OUTPUT_VALUES / max(values, 1))))
 
     def __enter__(self) -> "_Probe":
         return self
@@ -513,7 +535,7 @@ class _Probe:
             feeds.update(self._feeds(changed, plans))
             runner = self.whole if k is None else self._runner(k)
             names = self.outputs if k is None else runner.segment.outputs
-            self._only(runner, feeds | self.samples[0] | self._context_values[0])  # caches its input names
+            self._only(runner, feeds | self.samples[0] | self._context_values[0])  # caches its input names here
             prepared.append((runner, names, feeds))
 
         def one(job) -> float:

@@ -8,7 +8,8 @@ docs/mixed_precision.md "Cost" and the probe's `If` switches).
 Per recipe, in this process: building the probe, one whole-model pass in float (every switch off), one with every
 target at its format (the first includes rounding every weight once, cached), and the mean of one partial pass per
 candidate for the first 20 candidates (what each in-context measurement costs). Each pass runs
-``precision.sensitivity_samples`` samples (default 4). Printed, not stored: compare recipes or commits side by side.
+``precision.sensitivity_samples`` samples (unset: from the output size; 4 on the PP-OCR classifier). Printed, not
+stored: compare recipes or commits side by side.
 """
 from __future__ import annotations
 

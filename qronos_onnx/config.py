@@ -54,6 +54,9 @@ class WeightQuantConfig:
     narrow: bool = False
     scale_method: str = "minmax"
     minmax_scale: float = 1.0  # beta of the "scaled min-max" grid (0.8 in the paper's 2-bit runs)
+    # symmetric: the group's largest-magnitude value lands on the most negative code (-8 at 4 bits) and the scale takes
+    # its sign, as onnxruntime's own int4 quantizer does: a step of amax/8 instead of amax/7 (formats/grid.py)
+    full_range: bool = False
 
     def validate(self) -> None:
         _choice("weights.format", self.format, WEIGHT_FORMATS)
@@ -68,6 +71,9 @@ class WeightQuantConfig:
             )
         if not _is_number(self.minmax_scale) or not 0.0 < float(self.minmax_scale) <= 1.0:
             raise ConfigError(f"weights.minmax_scale must be in (0, 1], got {self.minmax_scale!r}")
+        if self.full_range and (not self.symmetric or self.narrow or self.format != "int"):
+            raise ConfigError("weights.full_range applies to symmetric, non-narrow integer grids (it uses the code "
+                              "-2^(bits-1) that a symmetric grid leaves unused)")
         if self.narrow and not self.symmetric and self.bits != 2:
             raise ConfigError("weights.narrow with an asymmetric grid is only defined for 2 bits (ternary)")
         fixed = FORMAT_SETTINGS.get(self.format)

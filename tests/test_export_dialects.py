@@ -404,3 +404,25 @@ def test_pipeline_mxfp4_and_nan_weight(tmp_path):
     onnx.save(bad, str(tmp_path / "bad.onnx"))
     with pytest.raises(ModelError, match="weight 'b0_wq' has 1 NaN"):
         quantize(tmp_path / "bad.onnx", calib, tmp_path / "bad_q.onnx", cfg, quiet=True)
+
+
+@pytest.mark.parametrize("dialect", ["matmulnbits", "qdq"])
+@pytest.mark.parametrize("gs", [32, 0])
+def test_full_range_symmetric_grid_exports_negative_scales(tmp_path, dialect, gs):
+    """weights.full_range: each group's largest-magnitude value lands on -8 with a scale of its sign (what
+    onnxruntime's own int4 quantizer writes). The negative scales pass the golden check in both dialects and the
+    file runs in onnxruntime with the substituted weights' outputs."""
+    proto = tm.transformer(n_blocks=1)
+    feeds = tm.transformer_inputs(1)[0]
+    cfg = WeightQuantConfig(bits=4, symmetric=True, group_size=gs, full_range=True)
+    out, q, targets, rep = export_file(tmp_path, proto, cfg, dialect, "q.onnx")
+    scales = torch.cat([q[t.weight_name].grid.scale.flatten() for t in targets])
+    assert (scales < 0).any() and (scales > 0).any()
+    for t in targets:
+        codes = q[t.weight_name].codes
+        assert int(codes.min()) == -8 and int(codes.max()) <= 7
+    ref = run(substituted(proto, q, targets), feeds)[0]
+    np.testing.assert_allclose(run(out, feeds)[0], ref, rtol=1e-5, atol=1e-5)
+    fused = run(out, feeds, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,  # DQ+MatMul fused into MatMulNBits
+                config={"session.qdq_matmulnbits_accuracy_level": "0"})[0]
+    np.testing.assert_allclose(fused, ref, rtol=1e-5, atol=1e-5)

@@ -517,7 +517,7 @@ def test_mse_scale_search_matches_a_naive_search(monkeypatch, symmetric, group_s
     best = torch.full(lo.shape, math.inf, dtype=torch.float64)
     want_s, want_z = torch.zeros_like(lo), torch.zeros_like(lo)
     for p in G._MSE_GRID:
-        s, z = G._fit(wg, lo * p, hi * p, qmin, qmax, symmetric, torch.float32)
+        s, z = G._fit(lo * p, hi * p, qmin, qmax, symmetric, torch.float32)
         q = (torch.clamp(torch.round(wg / s[..., None]) + z[..., None], qmin, qmax) - z[..., None]) * s[..., None]
         err = (q.double() - wg.double()).pow(2).sum(-1)
         better = err < best
@@ -525,3 +525,31 @@ def test_mse_scale_search_matches_a_naive_search(monkeypatch, symmetric, group_s
     # float32 sums may order two nearly equal candidates differently from float64: allow a rare tie, no more
     same = (got.scale == want_s) & (got.zero_point == want_z)
     assert same.float().mean() > 0.97
+
+
+@pytest.mark.parametrize("scale_method", ["minmax", "mse"])
+def test_full_range_grid_puts_each_groups_extreme_on_the_lowest_code(scale_method):
+    """weights.full_range (symmetric): scale = extreme / -2^(b-1) with the extreme's sign, so min-max maps the extreme
+    to the lowest code exactly and its step is amax/8 at 4 bits, not amax/7; its error is lower than the plain
+    symmetric grid's on Gaussian weights; MSE only shrinks it."""
+    from qronos_onnx.formats import grid as G
+
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(1))
+    full = make_int_grid(w, WeightQuantConfig(bits=4, symmetric=True, group_size=32, full_range=True,
+                                              scale_method=scale_method))
+    plain = make_int_grid(w, WeightQuantConfig(bits=4, symmetric=True, group_size=32, scale_method=scale_method))
+    wg = G._grouped(w, 32)
+    extreme = wg.gather(-1, wg.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    if scale_method == "minmax":
+        assert torch.equal(full.scale, -extreme / 8)  # powers of two: exact in float32
+        codes = full.codes(w)
+        assert codes.min() == -8 and codes.max() <= 7
+        assert torch.equal(G._grouped(codes, 32).gather(-1, wg.abs().argmax(-1, keepdim=True)),
+                           torch.full(extreme.shape + (1,), -8.0))
+    else:
+        assert (full.scale.abs() <= extreme.abs() / 8 + 1e-7).all()
+    assert torch.sign(full.scale).eq(-torch.sign(extreme)).all()
+    err = lambda g: float((g.round(w) - w).pow(2).sum())  # noqa: E731
+    assert err(full) < err(plain)
+    with pytest.raises(Exception, match="full_range applies to symmetric"):
+        WeightQuantConfig(bits=4, symmetric=False, full_range=True).validate()

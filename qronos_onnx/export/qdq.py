@@ -126,8 +126,9 @@ def encode_weight(name: str, qw: QuantizedWeight, target: Target) -> WeightEncod
         raise ExportError(f"quantized weight {name!r}: codes span [{lo}, {hi}], outside the {grid.bits}-bit grid "
                           f"[{grid.qmin}, {grid.qmax}] / {container} container")
     scale = grid.scale.detach().cpu().float()
-    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
-        raise ExportError(f"quantized weight {name!r}: scales must be finite and > 0")
+    # a symmetric full-range grid (weights.full_range) gives a group whose extreme is positive a negative scale
+    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any() if not grid.symmetric else (scale == 0).any()):
+        raise ExportError(f"quantized weight {name!r}: scales must be finite and > 0 (non-zero when symmetric)")
     scale_cast = scale.to(grid.scale_dtype)
     if not torch.equal(scale_cast.float(), scale):
         raise ExportError(f"quantized weight {name!r}: scales are not exact in {grid.scale_dtype}; the file "

@@ -33,7 +33,7 @@ import torch
 from ..errors import ExportError
 from ..formats import IntGrid, QuantizedWeight
 from ..graph.targets import Target
-from .qdq import _SCALE_NP, _all_names, _const, _unique, export_qdq
+from .qdq import _SCALE_NP, _all_names, _const, _unique, check_scale_signs, export_qdq
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,7 @@ def encode_nbits(name: str, qw: QuantizedWeight, target: Target) -> NBitsEncodin
     codes = qw.codes.detach().cpu().to(torch.int32).numpy()
     scale = grid.scale.detach().cpu().float()
     zero = grid.zero_point.detach().cpu().float()
-    # a symmetric full-range grid (weights.full_range) gives a group whose extreme is positive a negative scale
-    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any() if not grid.symmetric else (scale == 0).any()):
-        raise ExportError(f"quantized weight {name!r}: scales must be finite and > 0 (non-zero when symmetric)")
+    check_scale_signs(name, scale, grid.symmetric)
     if not torch.equal(scale.to(grid.scale_dtype).float(), scale) or not torch.equal(zero, torch.round(zero)):
         raise ExportError(f"quantized weight {name!r}: scales not exact in {grid.scale_dtype} or zero points not "
                           f"integers")

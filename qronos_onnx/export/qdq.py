@@ -97,6 +97,13 @@ def _check_layout(name: str, targets: list[Target]) -> Target:
     return t0
 
 
+def check_scale_signs(name: str, scale: torch.Tensor, symmetric: bool) -> None:
+    """Scales finite and > 0, or non-zero on a symmetric grid: a full-range one (weights.full_range) gives a group
+    whose extreme is positive a negative scale, as onnxruntime's own int4 quantizer does."""
+    if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any() if symmetric else (scale <= 0).any()):
+        raise ExportError(f"quantized weight {name!r}: scales must be finite and > 0 (non-zero when symmetric)")
+
+
 def encode_weight(name: str, qw: QuantizedWeight, target: Target) -> WeightEncoding:
     """Pack one QuantizedWeight for ``target``'s layout (all targets of a weight share it)."""
     grid = qw.grid
@@ -126,9 +133,7 @@ def encode_weight(name: str, qw: QuantizedWeight, target: Target) -> WeightEncod
         raise ExportError(f"quantized weight {name!r}: codes span [{lo}, {hi}], outside the {grid.bits}-bit grid "
                           f"[{grid.qmin}, {grid.qmax}] / {container} container")
     scale = grid.scale.detach().cpu().float()
-    # a symmetric full-range grid (weights.full_range) gives a group whose extreme is positive a negative scale
-    if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any() if not grid.symmetric else (scale == 0).any()):
-        raise ExportError(f"quantized weight {name!r}: scales must be finite and > 0 (non-zero when symmetric)")
+    check_scale_signs(name, scale, grid.symmetric)
     scale_cast = scale.to(grid.scale_dtype)
     if not torch.equal(scale_cast.float(), scale):
         raise ExportError(f"quantized weight {name!r}: scales are not exact in {grid.scale_dtype}; the file "

@@ -521,7 +521,8 @@ class _Probe:
 
     def errors(self, jobs: Sequence[tuple[Sequence[Target], Mapping[str, LayerPlan]]]) -> list[float]:
         """``error`` for each (changed, plans), ``workers`` passes at a time. Weights are rounded and sessions
-        built here, in this thread; the pool only runs onnxruntime and the error sums (both release the GIL)."""
+        built here, in this thread; the pool only runs onnxruntime and the error sums (both release the GIL; a
+        session's input names, cached on first use, are the same whichever thread reads them first)."""
         prepared = []
         for changed, plans in jobs:
             start = min(self.depth[t.name] for t in changed)
@@ -535,7 +536,6 @@ class _Probe:
             feeds.update(self._feeds(changed, plans))
             runner = self.whole if k is None else self._runner(k)
             names = self.outputs if k is None else runner.segment.outputs
-            self._only(runner, feeds | self.samples[0] | self._context_values[0])  # caches its input names here
             prepared.append((runner, names, feeds))
 
         def one(job) -> float:
@@ -550,13 +550,10 @@ class _Probe:
         self.runs += len(self.samples) * len(prepared)
         if self.workers == 1 or len(prepared) == 1:
             return [one(job) for job in prepared]
-        return list(self._map(one, prepared))
-
-    def _map(self, fn, items):
         if self._pool is None:  # torch's thread count is per thread: the distances take one each
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sensitivity",
                                             initializer=torch.set_num_threads, initargs=(1,))
-        return self._pool.map(fn, items)
+        return list(self._pool.map(one, prepared))
 
 
 def _squared_distance(y: np.ndarray, r: np.ndarray) -> float:

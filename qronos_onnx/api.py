@@ -464,7 +464,8 @@ def _validate_data_free(model_path, staged: Path, quantized, targets, tables) ->
 
 
 def _rotate(model, targets: list[Target], cfg: QuantConfig, samples, transform_log: TransformLog) -> list[str]:
-    """The rotation the config asks for; returns the float rotation nodes inserted (excluded from quantization).
+    """The rotation the config asks for; returns the float nodes inserted (rotations and the side MatMuls of outlier
+    channels), which are excluded from quantization.
 
     ``fused`` falls back to online rotations of every MatMul/Gemm input, with a warning naming the node that broke the
     decoder pattern, when the graph is not one it recognises.
@@ -473,10 +474,14 @@ def _rotate(model, targets: list[Target], cfg: QuantConfig, samples, transform_l
     if mode == "none":
         return []
     online_targets = targets
+    side: list[str] = []
     if mode == "fused":
         try:
             fused = fuse_rotations(model, targets, samples[0] if len(samples) else None, transform_log,
-                                   seed=cfg.seed, run=run_float_model)
+                                   seed=cfg.seed, run=run_float_model, block=_input_block(cfg),
+                                   outlier_channels=cfg.transforms.outlier_channels if cfg.activations.enabled
+                                   else 0)
+            side = fused.float_side
             # a head-wise rotation keeps an outlier head's channels together: with quantized activations the
             # o_proj input also gets QuaRot's online rotation (per-token INT4 error 0.16-0.18 -> 0.12 on SmolLM2)
             head_inputs = set() if cfg.activations.enabled else {o for _, o, _ in fused.head_rotated}
@@ -486,12 +491,21 @@ def _rotate(model, targets: list[Target], cfg: QuantConfig, samples, transform_l
                 f"{len(fused.writers)} writers, {len(fused.head_rotated)} v/o head pairs; float outputs moved by "
                 f"{fused.max_rel_diff:.1e} (relative)"
                 + (f"; tied head(s) {', '.join(fused.tied_heads)} keep reading the embedding table, their norm "
-                   f"scale as one {fused.dim}x{fused.dim} float MatMul" if fused.tied_heads else ""))
+                   f"scale as one {fused.dim}x{fused.dim} float MatMul" if fused.tied_heads else "")
+                + (f"; {len(fused.outlier_channels)} residual channel(s) kept out of the rotation and read by "
+                   f"{len(side)} float side MatMul(s): {fused.outlier_channels}" if side else ""))
         except FusedRotationUnsupported as err:
             log.warning("warning: --rotate fused does not apply to this graph (at %s: %s); using online rotations "
                         "instead", err.node, err.why)
             transform_log.notes.append(f"fused rotation not applied (at {err.node}: {err.why}); online instead")
-    return rotate_inputs(model, online_targets, seed=cfg.seed, log=transform_log)
+    return rotate_inputs(model, online_targets, seed=cfg.seed, log=transform_log) + side
+
+
+def _input_block(cfg: QuantConfig) -> int:
+    """The block along a MatMul's input axis that the weight or activation format groups by (1: none)."""
+    w, a = cfg.weights, cfg.activations
+    mx = w.format.startswith("mx") or (a.enabled and a.format.startswith("mx"))
+    return max(w.group_size or 1, 32 if mx else 1)
 
 
 def _quantize_tables(model, cfg: QuantConfig) -> list[QuantizedTable]:

@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "MatMul/Gemm input; 'fused' folds them into the weights of a decoder's residual stream "
                         "(QuaRot: one float rotation per block left, at down_proj; two with quantized activations), falling back to online when the "
                         "graph is not a recognised pre-norm decoder")
+    q.add_argument("--outlier-channels", metavar="auto|N",
+                   help="with --rotate fused and quantized activations: residual channels left out of the rotation "
+                        "and read by small float MatMuls, so that a massive channel does not set every token's range "
+                        "(auto, the default: those holding >= 8x a channel's share of the normalized energy, at most "
+                        "1/16 of the width; 0: none; N: the N largest)")
     q.add_argument("--magr", nargs="?", const=0.01, type=float, metavar="ALPHA",
                    help="MagR: shrink each weight row's largest magnitudes before rounding (200 proximal-gradient "
                         "steps on the float inputs' Gram matrix; ALPHA default 0.01); for 2-3 bit weights")
@@ -174,6 +179,15 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for scripts
 
 
+def _outlier_channels(text: str | None) -> int | str | None:
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--outlier-channels takes 'auto' or a whole number (0: none), got {text!r}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
     """Recipe (or preset), then each flag that was given on top of it."""
     if args.recipe and args.preset:
@@ -193,6 +207,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         "capture.seq_len": args.seq_len,
         "capture.special_tokens": args.special_tokens,
         "transforms.rotate": args.rotate,
+        "transforms.outlier_channels": _outlier_channels(args.outlier_channels),
         "transforms.magr": args.magr,
         "transforms.smoothquant": args.smoothquant,
         "embeddings.bits": None if args.embeddings is None else (args.embeddings if args.embeddings == "float"

@@ -239,9 +239,15 @@ class TransformConfig:
     rotate: str = "none"
     magr: float | None = None  # MagR alpha (transforms/magr.py; 0.01 in the paper); None: off
     smoothquant: float | None = None  # SmoothQuant migration strength alpha in [0, 1] (transforms/smoothquant.py)
+    # fused rotation with quantized activations: residual channels kept out of the rotation and read in float by a
+    # small side MatMul ("auto": those whose normalized energy is >= 8x a channel's share, transforms/fused.py; 0 off)
+    outlier_channels: int | str = "auto"
 
     def validate(self) -> None:
         _choice("transforms.rotate", self.rotate, ROTATIONS)
+        v = self.outlier_channels
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ConfigError(f"transforms.outlier_channels must be 'auto' or a whole number >= 0 (0: off), got {v!r}")
         for key, top in (("magr", None), ("smoothquant", 1.0)):
             v = getattr(self, key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0

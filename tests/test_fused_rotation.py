@@ -227,3 +227,120 @@ def test_tied_head_read_through_transpose_stays_tied_in_float_or_is_untied_and_q
     for f in _feeds(tied, n=2, seq=9, seed=4):
         ref, got = _ort(tied, f), _ort(tmp_path / "qh.onnx", f)
         assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.9
+
+
+# --------------------------------------------------------------------------------------------- outlier channels
+
+MASSIVE = 5  # the residual channel made massive (and ignored by every norm), as SmolLM2's channels 247 and 507
+
+
+@pytest.fixture(scope="module")
+def massive_llama(tmp_path_factory):
+    """A tiny Llama whose residual stream carries one huge channel that every norm scale suppresses (1e-4)."""
+    m = _llama("sdpa")
+    with torch.no_grad():
+        m.model.embed_tokens.weight[:, MASSIVE] = 0.5  # ~90 % of each token's energy at the first norm
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p[MASSIVE] = 1e-4
+    ids = torch.randint(0, VOCAB, (1, 8))
+    path = tmp_path_factory.mktemp("massive") / "m.onnx"
+    torch.onnx.export(_Logits(m), (ids, torch.ones_like(ids)), str(path), dynamo=True,
+                      input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                      dynamic_shapes=({0: torch.export.Dim("b", max=8), 1: torch.export.Dim("s", max=64)},
+                                      {0: torch.export.Dim("b", max=8), 1: torch.export.Dim("s", max=64)}))
+    return path
+
+
+def test_choose_outlier_channels():
+    from qronos_onnx.transforms.fused import OUTLIER_ENERGY, choose_outlier_channels
+
+    energy = np.ones((3, 64))
+    energy[:, 7] = 40.0
+    energy[:, 2] = OUTLIER_ENERGY  # at the threshold: kept
+    energy[0, 9] = 2 * OUTLIER_ENERGY  # high at one norm only: its mean over the norms is under
+    energy[1:, 9] = 0.4
+    assert choose_outlier_channels(energy, "auto") == [2, 7]
+    assert choose_outlier_channels(energy, 0) == [] and choose_outlier_channels(np.ones((2, 64)), "auto") == []
+    assert choose_outlier_channels(energy, 3) == [2, 7, 9]  # a count: the highest means
+    assert len(choose_outlier_channels(energy, "auto", block=32)) == 0  # 2 rounded to 32 passes the cap (64/16)
+    assert len(choose_outlier_channels(energy, 1, block=16)) == 16  # an explicit count is rounded up to the block
+    big = np.full((1, 64), 0.1)
+    big[0, :20] = 20.0
+    assert len(choose_outlier_channels(big, "auto")) == 4  # at most a 16th of the width
+    with pytest.raises(FusedRotationUnsupported, match="nothing of the width 64"):
+        choose_outlier_channels(energy, 64)
+
+
+def test_outlier_rotation_is_orthogonal_and_moves_the_channels_to_the_end():
+    from qronos_onnx.transforms.fused import outlier_rotation
+
+    Q = outlier_rotation(24, [3, 17], seed=1)
+    assert np.allclose(Q @ Q.T, np.eye(24), atol=1e-12)
+    x = np.random.default_rng(0).normal(size=(5, 24))
+    y = x @ Q
+    assert np.array_equal(y[:, -2:], x[:, [3, 17]])  # untouched, last
+    assert np.allclose(np.linalg.norm(y[:, :-2], axis=1), np.linalg.norm(np.delete(x, [3, 17], 1), axis=1))
+
+
+def test_outlier_channels_stay_out_of_the_rotation_exactly(massive_llama, tmp_path):
+    model = load_model(massive_llama)
+    fold_constant_aliases(model)
+    feed = _feeds(massive_llama)[0]
+    fr = fuse_rotations(model, find_targets(model), feed, TransformLog(), run=run_float_model,
+                        outlier_channels="auto")
+    assert fr.outlier_channels == [MASSIVE]
+    assert len(fr.float_side) == 5 * BLOCKS + 1  # q, k, v, gate, up per block, and lm_head (a graph output)
+    nodes = {n.name: n for n in model.graph}
+    for name in fr.float_side:
+        side = nodes[name]
+        assert side.inputs[1].const_value.shape[0] == 1 and side.inputs[0].producer().op_type == "Slice"
+    for name in (s.split("/")[0] for s in fr.float_side):  # each reader's weight lost the outlier row and reads
+        assert nodes[name].inputs[0].producer().op_type == "Slice"  # the rotated part
+        assert nodes[name].inputs[1].const_value.shape[0] == 63
+    out = tmp_path / "rot.onnx"
+    save_model(model, out)
+    for f in _feeds(massive_llama, n=2, seq=10, seed=6):
+        ref, got = _ort(massive_llama, f), _ort(out, f)
+        assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))
+
+
+def test_w4a4_fused_with_outlier_channels_beats_without(massive_llama, tmp_path):
+    """Rotated with the others, the massive channel sets every token's INT4 range; kept out (and read in float), it
+    does not. Float side MatMuls are not quantized and are not rotations."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, f in enumerate(_feeds(massive_llama, n=8, seq=16, seed=1)):
+        np.savez(calib / f"s{i}.npz", **f)
+    errors = {}
+    for mode in ("auto", 0):
+        cfg = load_recipe("w4a4").override({"transforms.rotate": "fused", "rounding.algorithm": "rtn",
+                                            "transforms.outlier_channels": mode})
+        out = tmp_path / f"q{mode}.onnx"
+        res = quantize(massive_llama, calib, out, cfg, quiet=True)
+        assert res.transforms["float_rotation_nodes"] == 2 * BLOCKS
+        assert not any("outlier_channels" in n for r in res.layers for n in r.nodes)
+        noted = any("residual channel(s) kept out of the rotation" in n for n in res.transforms["notes"])
+        assert noted == (mode == "auto")
+        errs = []
+        for f in _feeds(massive_llama, n=3, seq=12, seed=7):
+            ref, got = _ort(massive_llama, f), _ort(out, f)
+            errs.append(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+        errors[mode] = float(np.mean(errs))
+    assert errors["auto"] < 0.7 * errors[0], errors
+
+
+def test_outlier_channels_config_and_flag_are_checked():
+    from qronos_onnx.cli import build_parser, config_from_args
+    from qronos_onnx.errors import ConfigError
+
+    assert load_recipe("w4a4").transforms.outlier_channels == "auto"
+    for bad in (-1, "some", 1.5, True):
+        with pytest.raises(ConfigError, match="transforms.outlier_channels"):
+            load_recipe("w4a4").override({"transforms.outlier_channels": bad})
+    p = build_parser()
+    base = ["quantize", "m.onnx", "--calib", "c", "-o", "o.onnx", "--w4a4", "--rotate", "fused"]
+    assert config_from_args(p.parse_args(base + ["--outlier-channels", "3"])).transforms.outlier_channels == 3
+    assert config_from_args(p.parse_args(base + ["--outlier-channels", "0"])).transforms.outlier_channels == 0
+    with pytest.raises(ConfigError, match="--outlier-channels takes 'auto' or a whole number"):
+        config_from_args(p.parse_args(base + ["--outlier-channels", "many"]))

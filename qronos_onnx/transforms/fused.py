@@ -38,6 +38,10 @@ MS_DOMAIN = "com.microsoft"
 _TRANSPARENT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast", "Expand"}  # v -> attention path
 _SHAPE_ONLY = {"Shape", "Size"}  # read a tensor's shape, which a rotation keeps
 VERIFY_TOLERANCE = 1e-3  # max |diff| / max |reference| of the float outputs after the rotation
+# "auto" outlier channels: mean over the norms of E[n_c^2], n = r / rms(r), at least this many times a channel's
+# share (1); at most OUTLIER_MAX_SHARE of the width
+OUTLIER_ENERGY = 8.0
+OUTLIER_MAX_SHARE = 1 / 16
 
 
 class FusedRotationUnsupported(Exception):
@@ -78,6 +82,8 @@ class FusedRotation:
     online: list[str]  # rotation nodes left in float (down_proj inputs)
     max_rel_diff: float = 0.0
     tied_heads: list[str] = field(default_factory=list)  # heads reading the rotated table through a D x D MatMul
+    outlier_channels: list[int] = field(default_factory=list)  # residual channels kept out of Q, read in float
+    float_side: list[str] = field(default_factory=list)  # the float MatMuls reading them (never quantized)
 
 
 # --------------------------------------------------------------------------------------------- graph helpers
@@ -422,6 +428,7 @@ class _Edits:
         self._inputs: list[tuple[ir.Node, int, ir.Value]] = []
         self._added: list[str] = []
         self._nodes: list[ir.Node] = []
+        self._outputs: list[tuple[int, ir.Value, ir.Value, str]] = []
         self.tied_heads: list[str] = []
 
     def set(self, value: ir.Value, arr: np.ndarray) -> None:
@@ -473,6 +480,32 @@ class _Edits:
         self._inputs.append((node, 0, x))
         node.replace_input_with(0, mm.outputs[0])
 
+    def replace_input(self, node: ir.Node, index: int, new: ir.Value) -> None:
+        self._inputs.append((node, index, node.inputs[index]))
+        node.replace_input_with(index, new)
+
+    def constant(self, arr: np.ndarray, base: str) -> ir.Value:
+        name = self._fresh(base)
+        data = np.ascontiguousarray(arr)
+        v = ir.Value(name=name, shape=ir.Shape(list(data.shape)),
+                     type=ir.TensorType(ir.DataType.from_numpy(data.dtype)), const_value=ir.Tensor(data, name=name))
+        self.graph.register_initializer(v)
+        self._added.append(name)
+        return v
+
+    def take_output(self, old: ir.Value, new: ir.Value) -> None:
+        """``new`` becomes the graph output ``old`` was, under its name; ``old`` gets a fresh name."""
+        name = old.name
+        index = list(self.graph.outputs).index(old)
+        old.name = self._fresh(f"{name}_before")
+        new.name = name
+        self.graph.outputs[index] = new
+        self._outputs.append((index, old, new, name))
+
+    def insert_after(self, anchor: ir.Node, nodes: list[ir.Node]) -> None:
+        self.graph.insert_after(anchor, nodes)
+        self._nodes += nodes
+
     def drop_orphans(self) -> None:
         """Initializers that only the replaced inputs read (a tied weight untied from both sides, say)."""
         for _, _, old in self._inputs:
@@ -484,6 +517,10 @@ class _Edits:
                 self.graph.remove(producer, safe=True)
 
     def undo(self) -> None:
+        for index, old, new, name in reversed(self._outputs):
+            self.graph.outputs[index] = old
+            new.name = self._fresh(f"{name}_undone")
+            old.name = name
         for node, index, old in reversed(self._inputs):
             node.replace_input_with(index, old)
         for node in reversed(self._nodes):
@@ -570,6 +607,114 @@ def _apply(model: ir.Model, p: _Plan, Q: np.ndarray, edits: _Edits) -> tuple[lis
     return sorted(reader_nodes), sorted(w.node.name for w in p.writers)
 
 
+# --------------------------------------------------------------------------------------------- outlier channels
+
+def residual_energy(p: _Plan, outputs: Mapping[str, np.ndarray], feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+    """[norms, D]: per norm, the mean over tokens of n_c^2 for its normalized input n = r / rms(r) (each row sums
+    to D). A channel far above 1 dominates every token's range once Q spreads it: SmolLM2's massive-activation
+    channels reach 100-300 while their norm scales (1e-5..1e-4) make the readers ignore them."""
+    rows = []
+    for n in p.norms:
+        parts = [n.residual] if n.residual is not None else list(n.sources)
+        r = sum(np.asarray(feeds[v.name] if v.name in feeds else outputs[v.name], np.float64) for v in parts)
+        if n.residual is None and n.bias is not None:
+            r = r + _const(n.bias).astype(np.float64)
+        r = r.reshape(-1, p.dim)
+        nr = r / np.sqrt(np.maximum((r * r).mean(-1, keepdims=True), 1e-30))
+        rows.append((nr * nr).mean(0))
+    return np.stack(rows)
+
+
+def stream_names(p: _Plan) -> list[str]:
+    """The values residual_energy reads (each norm's input, or a Skip-norm's two summed inputs)."""
+    return list(dict.fromkeys(v.name for n in p.norms for v in ([n.residual] if n.residual is not None
+                                                                else n.sources)))
+
+
+def choose_outlier_channels(energy: np.ndarray, request: int | str, block: int = 1) -> list[int]:
+    """The channels to keep out of the rotation: ``request`` of them by mean energy over the norms, or with "auto"
+    those at >= OUTLIER_ENERGY (at most OUTLIER_MAX_SHARE of the width). The count is rounded up to ``block`` (the
+    weight group or MX block along the input axis), so that the rotated part keeps whole blocks."""
+    dim = energy.shape[1]
+    score = energy.mean(0)
+    order = np.argsort(-score, kind="stable")
+    k = int((score >= OUTLIER_ENERGY).sum()) if request == "auto" else int(request)
+    if k <= 0:
+        return []
+    block = max(int(block), 1)
+    k = -(-k // block) * block
+    if request == "auto":
+        k = min(k, int(dim * OUTLIER_MAX_SHARE) // block * block)
+    if k >= dim:
+        raise FusedRotationUnsupported("transforms.outlier_channels", f"{request} channels leave nothing of the "
+                                                                      f"width {dim} to rotate")
+    return sorted(int(c) for c in order[:k])
+
+
+def outlier_rotation(dim: int, channels: Sequence[int], seed: int) -> np.ndarray:
+    """An orthogonal Q that rotates every channel but ``channels`` among themselves (into the first D - k columns)
+    and moves those k to the last columns untouched, so that a reader can take them apart with a Slice."""
+    k = len(channels)
+    rest = np.setdiff1d(np.arange(dim), np.asarray(channels, dtype=np.int64))
+    Q = np.zeros((dim, dim))
+    Q[np.ix_(rest, np.arange(dim - k))] = rotation_matrix(dim - k, seed)
+    Q[np.asarray(channels, dtype=np.int64), np.arange(dim - k, dim)] = 1.0
+    return Q
+
+
+def _slice(edits: _Edits, x: ir.Value, start: int, end: int, after: ir.Node) -> ir.Value:
+    ints = [edits.constant(np.array([v], np.int64), f"{x.name}_slice_{what}")
+            for what, v in (("start", start), ("end", end), ("axis", -1))]
+    node = ir.node("Slice", [x, *ints], name=edits._fresh(f"{x.name}/Slice_{start}_{end}"))
+    out = node.outputs[0]
+    out.name = edits._fresh(f"{x.name}_ch{start}_{end}")
+    out.type = x.type
+    if x.shape is not None:
+        out.shape = ir.Shape([*list(x.shape)[:-1], end - start])
+    edits.insert_after(after, [node])
+    return out
+
+
+def _split_readers(model: ir.Model, p: _Plan, k: int, edits: _Edits) -> list[str]:
+    """Each reader y = n' W becomes y = n'[..., :D-k] W[:D-k] + n'[..., D-k:] W[D-k:]: the first product stays the
+    quantization target, the second, over the k unrotated outlier channels, is a float side MatMul. Exact."""
+    node_by_name = {n.name: n for n in model.graph}
+    a = p.dim - k
+    side: list[str] = []
+    for n in p.norms:
+        readers = [node_by_name[t.name] for t in p.readers[n.output.name]]
+        # a head still tied to the table reads it through a Transpose (and a float D x D MatMul): left whole
+        readers = [r for r in readers if r.inputs[0] is n.output and r.inputs[1].const_value is not None]
+        if not readers:
+            continue
+        anchor = n.output.producer()
+        head = _slice(edits, n.output, 0, a, anchor)
+        tail = _slice(edits, n.output, a, p.dim, head.producer())
+        for node in readers:
+            wv = node.inputs[1]
+            W = wv.const_value.numpy()
+            by_rows = not (node.op_type == "Gemm" and _int_attr(node, "transB", 0))
+            main, rest = (W[:a], W[a:]) if by_rows else (W[:, :a], W[:, a:].T)
+            edits.new_input(node, 1, main, f"{wv.name}_rotated_part")
+            edits.replace_input(node, 0, head)
+            ws = edits.constant(np.ascontiguousarray(rest.astype(W.dtype)), f"{wv.name}_outlier_rows")
+            y = node.outputs[0]
+            mm = ir.node("MatMul", [tail, ws], name=edits._fresh(f"{node.name}/outlier_channels"))
+            mm.outputs[0].name = edits._fresh(f"{y.name}_outlier_part")
+            mm.outputs[0].type = y.type
+            add = ir.node("Add", [y, mm.outputs[0]], name=edits._fresh(f"{node.name}/outlier_add"))
+            add.outputs[0].name = edits._fresh(f"{y.name}_with_outliers")
+            add.outputs[0].type, add.outputs[0].shape = y.type, y.shape
+            for user, idx in list(y.uses()):
+                if user is not add:
+                    edits.replace_input(user, idx, add.outputs[0])
+            edits.insert_after(node, [mm, add])
+            if y.is_graph_output():  # the sum takes over the output's name and place (an lm_head's logits)
+                edits.take_output(y, add.outputs[0])
+            side.append(mm.name)
+    return side
+
+
 # --------------------------------------------------------------------------------------------- v / o heads
 
 def _head_pairs(model: ir.Model, p: _Plan, targets: Sequence[Target]) -> list[tuple[Target, Target, int]]:
@@ -636,18 +781,33 @@ def _apply_heads(model: ir.Model, pairs, seed: int, edits: _Edits) -> None:
 
 def fuse_rotations(model: ir.Model, targets: Sequence[Target], sample: Mapping[str, np.ndarray] | None,
                    transform_log: TransformLog, *, seed: int = 0,
-                   run: Callable[[ir.Model, Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None
-                   ) -> FusedRotation:
+                   run: Callable[..., dict[str, np.ndarray]] | None = None, outlier_channels: int | str = 0,
+                   block: int = 1) -> FusedRotation:
     """Fuse the rotations into ``model`` in place (see the module docstring); raises FusedRotationUnsupported and
-    leaves the model unchanged when the graph is not recognised or the float outputs move."""
+    leaves the model unchanged when the graph is not recognised or the float outputs move.
+
+    ``outlier_channels`` ("auto", or a count; 0 off: for quantized activations): residual channels whose normalized
+    energy would dominate every token's quantization range once rotated are left out of Q and read by float side
+    MatMuls (choose_outlier_channels, measured on ``sample``); ``block``: the input-axis block their count keeps."""
     p = plan(model, targets)
-    Q = rotation_matrix(p.dim, seed)
-    reference = run(model, sample) if run is not None and sample is not None else None
+    reference = channels = None
+    if run is not None and sample is not None:
+        extra = stream_names(p) if outlier_channels else []
+        reference = run(model, sample, extra) if extra else run(model, sample)
+        if extra:
+            channels = choose_outlier_channels(residual_energy(p, reference, sample), outlier_channels, block)
+        outputs = {v.name for v in model.graph.outputs}
+        reference = {k: v for k, v in reference.items() if k in outputs}
+    channels = channels or []
+    Q = outlier_rotation(p.dim, channels, seed) if channels else rotation_matrix(p.dim, seed)
     edits = _Edits(model.graph)
+    side: list[str] = []
     try:
         readers, writers = _apply(model, p, Q, edits)
         pairs = _head_pairs(model, p, targets)
         _apply_heads(model, pairs, seed, edits)
+        if channels:
+            side = _split_readers(model, p, len(channels), edits)
     except FusedRotationUnsupported:
         edits.undo()
         raise
@@ -662,7 +822,8 @@ def fuse_rotations(model: ir.Model, targets: Sequence[Target], sample: Mapping[s
                                                                         f"calibration sample")
     edits.drop_orphans()
     for name in readers:
-        transform_log.touch(name, "rotate:fused(input)")
+        transform_log.touch(name, f"rotate:fused(input, {len(channels)} outlier channels float)" if side
+                            else "rotate:fused(input)")
     for name in writers:
         transform_log.touch(name, "rotate:fused(output)")
     for t_v, t_o, hd in pairs:
@@ -670,7 +831,7 @@ def fuse_rotations(model: ir.Model, targets: Sequence[Target], sample: Mapping[s
         transform_log.touch(t_o.name, f"rotate:head{hd}(input)")
     return FusedRotation(dim=p.dim, norms=len(p.norms), readers=readers, writers=writers,
                          head_rotated=[(a.name, b.name, hd) for a, b, hd in pairs], online=[], max_rel_diff=worst,
-                         tied_heads=list(edits.tied_heads))
+                         tied_heads=list(edits.tied_heads), outlier_channels=list(channels), float_side=side)
 
 
 def _max_rel_diff(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:

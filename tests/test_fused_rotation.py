@@ -344,3 +344,61 @@ def test_outlier_channels_config_and_flag_are_checked():
     assert config_from_args(p.parse_args(base + ["--outlier-channels", "0"])).transforms.outlier_channels == 0
     with pytest.raises(ConfigError, match="--outlier-channels takes 'auto' or a whole number"):
         config_from_args(p.parse_args(base + ["--outlier-channels", "many"]))
+
+
+def _genai_style_decoder(path: Path, d: int = 32, vocab: int = 50, seed: int = 0) -> None:
+    """Two MLP-only blocks written as onnxruntime-genai writes its norms: SimplifiedLayerNormalization first, then
+    com.microsoft.SkipSimplifiedLayerNormalization summing each writer into the residual (output 3 carries it on).
+    Channel 3 of the stream is massive and every norm scale suppresses it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = np.random.default_rng(seed)
+    f = np.float32
+    emb = (g.standard_normal((vocab, d)) * 0.1).astype(f)
+    emb[:, 3] = 4.0
+    inits = {"emb": emb, "head": (g.standard_normal((d, vocab)) / np.sqrt(d)).astype(f)}
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["x0"], name="embed")]
+    stream = "x0"
+    for b in range(3):
+        gamma = g.uniform(0.5, 1.5, d).astype(f)
+        gamma[3] = 1e-4
+        inits[f"g{b}"] = gamma
+        if b == 0:
+            nodes.append(helper.make_node("SimplifiedLayerNormalization", ["x0", "g0"], ["n0"], axis=-1,
+                                          epsilon=1e-6, name="norm0"))
+        else:
+            nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [f"w{b - 1}", stream, f"g{b}"],
+                                          [f"n{b}", "", "", f"s{b}"], epsilon=1e-6, domain="com.microsoft",
+                                          name=f"norm{b}"))
+            stream = f"s{b}"
+        if b == 2:
+            break
+        inits[f"up{b}"] = (g.standard_normal((d, 2 * d)) / np.sqrt(d)).astype(f)
+        inits[f"down{b}"] = (g.standard_normal((2 * d, d)) / np.sqrt(2 * d) * 0.3).astype(f)
+        nodes += [helper.make_node("MatMul", [f"n{b}", f"up{b}"], [f"u{b}"], name=f"up_proj{b}"),
+                  helper.make_node("Relu", [f"u{b}"], [f"r{b}"], name=f"act{b}"),
+                  helper.make_node("MatMul", [f"r{b}", f"down{b}"], [f"w{b}"], name=f"down_proj{b}")]
+    nodes.append(helper.make_node("MatMul", ["n2", "head"], ["logits"], name="lm_head"))
+    graph = helper.make_graph(nodes, "genai_style", [helper.make_tensor_value_info("ids", TensorProto.INT64,
+                                                                                   ["b", "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", vocab])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, str(path))
+
+
+def test_outlier_channels_on_genai_style_skip_norms(tmp_path):
+    path = tmp_path / "genai_style.onnx"
+    _genai_style_decoder(path)
+    feeds = [{"ids": np.random.default_rng(i).integers(0, 50, (1, 12)).astype(np.int64)} for i in range(3)]
+    model = load_model(path)
+    fr = fuse_rotations(model, find_targets(model), feeds[0], TransformLog(), run=run_float_model,
+                        outlier_channels="auto")
+    assert fr.norms == 3 and fr.outlier_channels == [3]
+    assert len(fr.float_side) == 3  # up_proj0, up_proj1, lm_head
+    out = tmp_path / "rot.onnx"
+    save_model(model, out)
+    for f in feeds[1:]:
+        ref, got = _ort(path, f), _ort(out, f)
+        assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))

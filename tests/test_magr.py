@@ -76,6 +76,24 @@ def test_linf_prox_is_the_moreau_complement_of_the_l1_ball_projection():
                 assert f(x, V[b, r], tau[b]) >= best - 1e-12
 
 
+@pytest.mark.parametrize("tau, full_rows", [(0.3, 0), (30.0, 8), (1e4, 8), ([0.3, 30.0], 4)])
+def test_linf_prox_on_the_top_entries_and_on_whole_rows(monkeypatch, tau, full_rows):
+    """Rows wider than PROX_TOP: a small radius is solved on the top entries alone; a radius that more entries than
+    those exceed, or that holds the whole row, makes the row solved again on all entries. Both equal the reference."""
+    import qronos_onnx.transforms.magr as magr_mod
+
+    g = np.random.default_rng(5)
+    V = g.standard_normal((2, 4, 64))
+    t = np.broadcast_to(np.asarray(tau, dtype=np.float64), (2,)).copy()
+    sorted_rows = []
+    real_sort = torch.sort
+    monkeypatch.setattr(magr_mod.torch, "sort", lambda x, **kw: sorted_rows.append(x.shape[0]) or real_sort(x, **kw))
+    got = linf_prox(torch.from_numpy(V), torch.from_numpy(t)).numpy()
+    want = np.stack([[v - _l1_ball(v, r) for v in Vb] for Vb, r in zip(V, t)])
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert sum(sorted_rows) == full_rows
+
+
 @pytest.mark.parametrize("alpha", [0.01, 0.1])
 def test_matches_a_naive_float64_reference(alpha):
     W, H = _problem()

@@ -41,18 +41,38 @@ def sigma_max(H: torch.Tensor, iters: int = POWER_ITERATIONS, seed: int = 0) -> 
     return (v.mT @ H @ v).reshape(B).clamp_min(0.0)
 
 
+PROX_TOP = 16  # entries per row the prox looks at first (linf_prox)
+
+
+def _soft_threshold(u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """theta >= 0 with sum_j max(u_j - theta, 0) = t for rows ``u`` sorted in descending order (Duchi et al. 2008);
+    only right when every entry above theta is among the columns given (the caller checks)."""
+    cs = torch.cumsum(u, dim=-1)
+    j = torch.arange(1, u.shape[-1] + 1, device=u.device, dtype=u.dtype)
+    rho = ((u * j > cs - t) * j).amax(dim=-1, keepdim=True).clamp_min(1.0)  # last index where u_j > (cs_j - t)/j
+    return (cs.gather(-1, rho.long() - 1) - t) / rho
+
+
 def linf_prox(V: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """prox_{tau ||.||_inf} of every row of V [B, rows, cols] (tau [B], >= 0): v - Pi_{||.||_1 <= tau}(v), which is
-    the clip of v to [-theta, theta] with theta the soft threshold of the L1-ball projection (0 inside the ball)."""
+    the clip of v to [-theta, theta] with theta the soft threshold of the L1-ball projection (0 inside the ball).
+
+    With MagR's small tau only a row's few largest magnitudes exceed theta, so theta is solved on the top
+    PROX_TOP of them; where that is not enough (theta not above the smallest of them, or the row inside the ball)
+    the row is solved again on all its entries. A full sort of every row was three quarters of MagR's time."""
     a = V.abs()
-    u, _ = torch.sort(a, dim=-1, descending=True)
-    cs = torch.cumsum(u, dim=-1)
-    j = torch.arange(1, V.shape[-1] + 1, device=V.device, dtype=V.dtype)
-    t = tau.to(V.dtype)[:, None, None]
-    cond = u * j > cs - t  # u_j > (cs_j - tau) / j
-    rho = (cond * j).amax(dim=-1, keepdim=True).clamp_min(1.0)  # last index satisfying it (1-based)
-    theta = ((cs.gather(-1, rho.long() - 1) - t) / rho).clamp_min(0.0)
-    return torch.minimum(a, theta) * torch.sign(V)
+    t = tau.to(V.dtype)[:, None, None].expand(*V.shape[:-1], 1)
+    k = min(PROX_TOP, V.shape[-1])
+    top = torch.topk(a, k, dim=-1).values
+    theta = _soft_threshold(top, t)
+    if k < V.shape[-1]:
+        redo = (theta <= top[..., -1:]) | (theta <= 0)
+        if bool(redo.any()):
+            idx = redo.squeeze(-1)
+            full = torch.sort(a[idx], dim=-1, descending=True).values
+            theta[idx] = _soft_threshold(full, t[idx])
+    theta = theta.clamp_min(0.0)  # inside the ball: the projection is v itself and the prox 0
+    return torch.minimum(torch.maximum(V, -theta), theta)
 
 
 def thresholds(H: torch.Tensor, alpha: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

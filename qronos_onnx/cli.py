@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-calibration", choices=ACT_CALIBRATIONS,
                    help="static activation scales from min-max, a percentile (--act-percentile) or an MSE search")
     q.add_argument("--act-percentile", type=float, help="percentile for --act-calibration percentile (e.g. 99.99)")
+    q.add_argument("--act-clip", type=float, metavar="RATIO",
+                   help="dynamic integer activations: each token's range times RATIO (0.5-1; QuaRot uses 0.9): the "
+                        "largest values saturate, the rest get a finer step")
     q.add_argument("--reduce-range", action="store_true", default=None,
                    help="7-bit integer weights: onnxruntime's u8 x s8 W8A8 kernels saturate with full-range int8 "
                         "weights on x86 CPUs without VNNI")
@@ -203,6 +206,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         "export.dialect": args.dialect,
         "activations.calibration": args.act_calibration,
         "activations.percentile": args.act_percentile,
+        "activations.clip_ratio": args.act_clip,
         "capture.samples": args.samples,
         "capture.seq_len": args.seq_len,
         "capture.special_tokens": args.special_tokens,
@@ -391,7 +395,8 @@ def _act_summary(act) -> str:
     if act.format != "int":
         return act.format + ("" if act.dynamic else f" static ({act.calibration})")
     kind = "dynamic" if act.dynamic else f"static ({act.calibration})"
-    return f"A{act.bits} {act.granularity} {kind} {'sym' if act.symmetric else 'asym'}"
+    clip = f" clip {act.clip_ratio:g}" if act.dynamic and act.clip_ratio != 1.0 else ""
+    return f"A{act.bits} {act.granularity} {kind} {'sym' if act.symmetric else 'asym'}{clip}"
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -112,9 +112,16 @@ class ActivationQuantConfig:
     symmetric: bool = False
     calibration: str = "minmax"
     percentile: float = 99.99
+    clip_ratio: float = 1.0  # dynamic INT: the run-time range (amax, or min and max) times this (QuaRot uses 0.9)
 
     def validate(self) -> None:
         _choice("activations.format", self.format, ACT_FORMATS)
+        r = self.clip_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.5 <= float(r) <= 1.0:
+            raise ConfigError(f"activations.clip_ratio must be a number in [0.5, 1], e.g. 0.9; got {r!r}")
+        if float(r) != 1.0 and self.enabled and not (self.format == "int" and self.dynamic):
+            raise ConfigError("activations.clip_ratio applies to dynamic integer activations (static scales are "
+                              "clipped by activations.calibration; MX and FP8 scales are not); set it to 1")
         _choice("activations.granularity", self.granularity, ACT_GRANULARITIES)
         _choice("activations.calibration", self.calibration, ACT_CALIBRATIONS)
         for key in ("dynamic", "symmetric"):

@@ -48,13 +48,14 @@ def ref_dynamic_int(x: np.ndarray, q: ActQuantizer) -> np.ndarray:
     f = np.float32
     axis = q.channel_axis if q.granularity == "per_token" else None
     keep = axis is not None
+    r = f(q.clip_ratio)
     if q.symmetric:
-        amax = np.abs(x).max(axis=axis, keepdims=keep)
+        amax = np.abs(x).max(axis=axis, keepdims=keep) * r
         s = np.maximum(amax, f(EPS)) / f(2 ** (q.bits - 1) - 1)
         return (np.clip(np.rint(x / s), -(2 ** (q.bits - 1)), 2 ** (q.bits - 1) - 1) * s).astype(f)
     levels = 2**q.bits - 1
-    hi = np.maximum(x.max(axis=axis, keepdims=keep), f(0))
-    lo = np.minimum(x.min(axis=axis, keepdims=keep), f(0))
+    hi = np.maximum(x.max(axis=axis, keepdims=keep), f(0)) * r
+    lo = np.minimum(x.min(axis=axis, keepdims=keep), f(0)) * r
     s = np.maximum(hi - lo, f(EPS)) / f(levels)
     zp = np.clip(np.rint(-lo / s), 0, levels)
     return ((np.clip(np.rint(x / s) + zp, 0, levels) - zp) * s).astype(f)
@@ -109,6 +110,8 @@ SCHEMES = {
     "int8_token_sym": ActQuantizer("int", 8, "per_token", True, True, channels=40),
     "int4_token_asym": ActQuantizer("int", 4, "per_token", True, False, channels=40),
     "int4_token_sym": ActQuantizer("int", 4, "per_token", True, True, channels=40),
+    "int4_token_asym_clip": ActQuantizer("int", 4, "per_token", True, False, channels=40, clip_ratio=0.9),
+    "int4_token_sym_clip": ActQuantizer("int", 4, "per_token", True, True, channels=40, clip_ratio=0.85),
     "int8_tensor_dynamic": ActQuantizer("int", 8, "per_tensor", True, True),
     "mxfp4": ActQuantizer("mxfp4", 4, "per_block", True, True, channels=40),
     "mxfp8": ActQuantizer("mxfp8", 8, "per_block", True, True, channels=40),
@@ -189,10 +192,11 @@ def _ragged(seqs, d=32, seed=5):
              "mask": np.triu(np.full((s, s), -1e4, np.float32), k=1)} for s in seqs]
 
 
-def test_exported_per_token_model_on_ragged_sequences(tmp_path):
+@pytest.mark.parametrize("recipe, bits, clip", [("w4a8", 8, 1.0), ("w4a4", 4, 0.9)])
+def test_exported_per_token_model_on_ragged_sequences(tmp_path, recipe, bits, clip):
     src = tmp_path / "t.onnx"
     onnx.save(tm.transformer(2), str(src))
-    cfg = load_recipe("w4a8").override({"rounding.algorithm": "rtn"})
+    cfg = load_recipe(recipe).override({"rounding.algorithm": "rtn", "activations.clip_ratio": clip})
     res = quantize(src, _ragged([4, 9, 6, 12]), tmp_path / "q.onnx", cfg, quiet=True)
     targets = find_targets(ir.load(str(src)))
     out_model = ir.load(str(res.output_path))
@@ -201,7 +205,7 @@ def test_exported_per_token_model_on_ragged_sequences(tmp_path):
     assert all(a != b for a, b in pairs)
     names = list(dict.fromkeys(n for p in pairs for n in p if n != "x"))
     sess = _expose(res.output_path, names)
-    q = ActQuantizer("int", 8, "per_token", True, False, channels=32)
+    q = ActQuantizer("int", bits, "per_token", True, False, channels=32, clip_ratio=clip)
     for sample in _ragged([3, 7, 16], seed=9):
         outs = dict(zip(names, sess.run(names, sample))) | {"x": sample["x"]}
         for x_name, y_name in pairs:
@@ -581,3 +585,20 @@ def test_float16_model_and_matmulnbits_dialect(tmp_path):
     y = ort.InferenceSession(str(res.output_path), so, providers=["CPUExecutionProvider"]).run(
         None, tm.transformer_inputs(1)[0])[0]
     assert np.isfinite(y).all()
+
+
+def test_clip_ratio_narrows_the_dynamic_range_and_is_checked():
+    """0.9 of each token's range: the largest magnitudes saturate at the clipped end, the rest get a finer step."""
+    x = _data((2, 7, 40))
+    full, clipped = SCHEMES["int4_token_asym"], SCHEMES["int4_token_asym_clip"]
+    a, b = run_quantizer(full, x), run_quantizer(clipped, x)
+    assert (np.abs(b).max(-1) < np.abs(a).max(-1)).all()
+    assert "clip 0.9" in clipped.describe() and "clip" not in full.describe()
+    cfg = load_recipe("w4a4").override({"activations.clip_ratio": 0.9})
+    assert cfg.activations.clip_ratio == 0.9
+    args = build_parser().parse_args(["quantize", "m.onnx", "--calib", "c", "-o", "o.onnx", "--w4a4", "--act-clip",
+                                      "0.9"])
+    assert config_from_args(args).activations.clip_ratio == 0.9
+    for bad, recipe in ((0.3, "w4a4"), (1.2, "w4a4"), (True, "w4a4"), (0.9, "mxfp4"), (0.9, "w8a8")):
+        with pytest.raises(ConfigError, match="activations.clip_ratio"):
+            load_recipe(recipe).override({"activations.clip_ratio": bad})

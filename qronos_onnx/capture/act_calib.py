@@ -52,7 +52,8 @@ def _quantizer(cfg: ActivationQuantConfig, axis: int, channels: int, dtype: str,
                zero_point: int) -> ActQuantizer:
     return ActQuantizer(format=cfg.format, bits=cfg.bits, granularity=cfg.granularity, dynamic=cfg.dynamic,
                         symmetric=cfg.symmetric, channel_axis=axis, channels=channels, dtype=dtype,
-                        scale=None if cfg.dynamic else scale, zero_point=zero_point)
+                        scale=None if cfg.dynamic else scale, zero_point=zero_point,
+                        clip_ratio=float(cfg.clip_ratio) if cfg.dynamic else 1.0)
 
 
 # ------------------------------------------------------------------------------------------------ static scales

@@ -73,6 +73,7 @@ class ActQuantizer:
     dtype: str = "float32"  # the activation's numpy dtype name: float32 | float16
     scale: float | None = None
     zero_point: int = 0
+    clip_ratio: float = 1.0  # dynamic INT: the run-time range times this before the scale is taken
 
     def __post_init__(self) -> None:
         if self.format not in ("int", "mxfp4", "mxfp8", "fp8"):
@@ -99,7 +100,8 @@ class ActQuantizer:
     def describe(self) -> str:
         if self.format == "int":
             kind = "dynamic" if self.dynamic else "static"
-            return f"int{self.bits} {self.granularity} {kind} {'sym' if self.symmetric else 'asym'}"
+            clip = f" clip {self.clip_ratio:g}" if self.dynamic and self.clip_ratio != 1.0 else ""
+            return f"int{self.bits} {self.granularity} {kind} {'sym' if self.symmetric else 'asym'}{clip}"
         if self.format == "fp8":
             return "fp8 e4m3fn per_tensor static"
         return f"{self.format} blocks of {MX_BLOCK} dynamic"
@@ -160,17 +162,19 @@ def _dynamic_int(e: _Emitter, x: ir.Value, q: ActQuantizer) -> ir.Value:
     else:
         axes, keep, blocked = [], 0, {}
     eps = e.const("eps", f32(EPS))
+    clip = (lambda v, tag: e.op("Mul", [v, e.const("clip_ratio", f32(q.clip_ratio))], tag)) \
+        if q.clip_ratio != 1.0 else (lambda v, tag: v)
     if q.symmetric:
         qmax = 2 ** (q.bits - 1) - 1
-        amax = e.op("ReduceMax", [e.op("Abs", [x], "abs"), *axes], "amax", keepdims=keep)
+        amax = clip(e.op("ReduceMax", [e.op("Abs", [x], "abs"), *axes], "amax", keepdims=keep), "amax_clipped")
         s = e.op("Div", [e.op("Max", [amax, eps], "amax_eps"), e.const("qmax", f32(qmax))], "scale")
         code_type = ir.DataType.INT8 if q.bits == 8 else ir.DataType.INT4
         xq = e.op("QuantizeLinear", [x, s], "quantize", output_dtype=int(code_type), **blocked)
         return e.op("DequantizeLinear", [xq, s], "dequantize", **blocked)
     levels = 2**q.bits - 1
     zero = e.const("zero", f32(0.0))
-    hi = e.op("Max", [e.op("ReduceMax", [x, *axes], "max", keepdims=keep), zero], "hi")
-    lo = e.op("Min", [e.op("ReduceMin", [x, *axes], "min", keepdims=keep), zero], "lo")
+    hi = clip(e.op("Max", [e.op("ReduceMax", [x, *axes], "max", keepdims=keep), zero], "hi"), "hi_clipped")
+    lo = clip(e.op("Min", [e.op("ReduceMin", [x, *axes], "min", keepdims=keep), zero], "lo"), "lo_clipped")
     rng = e.op("Max", [e.op("Sub", [hi, lo], "range"), eps], "range_eps")
     s = e.op("Div", [rng, e.const("levels", f32(levels))], "scale")
     zf = e.op("Div", [e.op("Neg", [lo], "neg_lo"), s], "zero_point_float")

@@ -132,7 +132,8 @@ def promote(plan: LayerPlan) -> LayerPlan | None:
     """The next precision of the same family, weights and activations together; None when there is none.
 
     int2/int3 -> int4, int4..int7 -> int8 (same symmetry and group size); mxfp4 -> mxfp8. Activations follow:
-    int4 -> int8 (same granularity), mxfp4 -> mxfp8; anything else keeps its activation format.
+    int4 -> int8 (same granularity, unclipped: a clip ratio is for 4-bit ranges), mxfp4 -> mxfp8; anything else
+    keeps its activation format.
     """
     w = plan.weights
     if w is None:
@@ -145,7 +146,7 @@ def promote(plan: LayerPlan) -> LayerPlan | None:
         return None
     a = plan.activations
     if a.enabled and a.format == "int" and a.bits < 8:
-        a = dataclasses.replace(a, bits=8)
+        a = dataclasses.replace(a, bits=8, clip_ratio=1.0)
     elif a.format == "mxfp4":
         a = ActivationQuantConfig.for_format("mxfp8")
     return LayerPlan(nw, a, "target-bits", plan.rule)

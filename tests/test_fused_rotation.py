@@ -402,3 +402,16 @@ def test_outlier_channels_on_genai_style_skip_norms(tmp_path):
     for f in feeds[1:]:
         ref, got = _ort(path, f), _ort(out, f)
         assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))
+
+
+def test_weight_only_takes_outlier_channels_only_when_counted(massive_llama, tmp_path):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, f in enumerate(_feeds(massive_llama, n=4, seq=12, seed=2)):
+        np.savez(calib / f"s{i}.npz", **f)
+    for request, split in (("auto", False), (1, True)):
+        cfg = load_recipe("w4").override({"transforms.rotate": "fused", "rounding.algorithm": "rtn",
+                                          "transforms.outlier_channels": request})
+        res = quantize(massive_llama, calib, tmp_path / f"q{request}.onnx", cfg, quiet=True)
+        noted = any("residual channel(s) kept out of the rotation" in n for n in res.transforms["notes"])
+        assert noted == split, res.transforms["notes"]

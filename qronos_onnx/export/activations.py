@@ -162,8 +162,11 @@ def _dynamic_int(e: _Emitter, x: ir.Value, q: ActQuantizer) -> ir.Value:
     else:
         axes, keep, blocked = [], 0, {}
     eps = e.const("eps", f32(EPS))
-    clip = (lambda v, tag: e.op("Mul", [v, e.const("clip_ratio", f32(q.clip_ratio))], tag)) \
-        if q.clip_ratio != 1.0 else (lambda v, tag: v)
+    ratio = e.const("clip_ratio", f32(q.clip_ratio)) if q.clip_ratio != 1.0 else None
+
+    def clip(v: ir.Value, tag: str) -> ir.Value:  # the run-time range times clip_ratio (no node when 1)
+        return v if ratio is None else e.op("Mul", [v, ratio], tag)
+
     if q.symmetric:
         qmax = 2 ** (q.bits - 1) - 1
         amax = clip(e.op("ReduceMax", [e.op("Abs", [x], "abs"), *axes], "amax", keepdims=keep), "amax_clipped")

@@ -177,7 +177,7 @@ def quantize(model_path: str | Path, calib: Any, output_path: str | Path, config
 
 
 def _quantize(model_path, calib, output_path, config, **kwargs) -> QuantResult:
-    cfg = (config or QuantConfig()).validate()
+    cfg = (config or QuantConfig()).validate().resolved()
     # torch's thread count changes a GEMM's last bits, and the solvers turn those into other codes: the whole run
     # (statistics, solvers, grids, transforms, sensitivity) uses the count capture.threads gives onnxruntime, not
     # the machine's or the caller's, which is restored afterwards (threads.py)

@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric weight grid")
     sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="asymmetric weight grid")
+    full = q.add_mutually_exclusive_group()
+    full.add_argument("--full-range", dest="full_range", action="store_const", const=True,
+                      help="symmetric integer weights: each group's largest-magnitude value lands on -2^(bits-1) "
+                           "with a scale of its sign (a step of amax/8 at 4 bits instead of amax/7, as onnxruntime's "
+                           "own int4 quantizer does). Default: on for MatMulNBits output, off for QDQ (a compiler "
+                           "may refuse negative scales)")
+    full.add_argument("--no-full-range", dest="full_range", action="store_const", const=False,
+                      help="symmetric integer weights on the +-(2^(bits-1)-1) grid, also for MatMulNBits output")
     q.add_argument("--scale-method", choices=SCALE_METHODS, help="min-max or MSE-searched weight scales")
     q.add_argument("--format", choices=WEIGHT_FORMATS,
                    help="weight format: int grid, OCP MX (mxfp4, mxfp8, mxint8; blocks of 32) or per-channel fp8")
@@ -62,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export form: qdq (runs in onnxruntime; the default for ONNX files), mx (canonical opset-24 "
                         "MX for compilers), matmulnbits (com.microsoft.MatMulNBits for integer MatMul weights; the "
                         "default for genai folders)")
+    q.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
+                   help="MatMulNBits accuracy_level attribute: 0 computes in float (exact); 4 quantizes activations "
+                        "to int8 per block (onnxruntime's fast CPU kernels). Default: 4 for a genai folder that runs "
+                        "on the CPU or WebGPU (as genai's model builder writes), else 0")
     q.add_argument("--act-calibration", choices=ACT_CALIBRATIONS,
                    help="static activation scales from min-max, a percentile (--act-percentile) or an MSE search")
     q.add_argument("--act-percentile", type=float, help="percentile for --act-calibration percentile (e.g. 99.99)")
@@ -204,6 +216,8 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         "weights.scale_method": args.scale_method,
         "weights.format": args.format,
         "export.dialect": args.dialect,
+        "export.accuracy_level": args.accuracy_level,
+        "weights.full_range": args.full_range,
         "activations.calibration": args.act_calibration,
         "activations.percentile": args.act_percentile,
         "activations.clip_ratio": args.act_clip,

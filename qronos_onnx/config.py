@@ -55,8 +55,10 @@ class WeightQuantConfig:
     scale_method: str = "minmax"
     minmax_scale: float = 1.0  # beta of the "scaled min-max" grid (0.8 in the paper's 2-bit runs)
     # symmetric: the group's largest-magnitude value lands on the most negative code (-8 at 4 bits) and the scale takes
-    # its sign, as onnxruntime's own int4 quantizer does: a step of amax/8 instead of amax/7 (formats/grid.py)
-    full_range: bool = False
+    # its sign, as onnxruntime's own int4 quantizer does: a step of amax/8 instead of amax/7 (formats/grid.py).
+    # None: on for symmetric integer grids exported as MatMulNBits (whose own quantizer uses it), off in QDQ, where
+    # a compiler may refuse a negative scale (QuantConfig.resolved)
+    full_range: bool | None = None
 
     def validate(self) -> None:
         _choice("weights.format", self.format, WEIGHT_FORMATS)
@@ -71,6 +73,8 @@ class WeightQuantConfig:
             )
         if not _is_number(self.minmax_scale) or not 0.0 < float(self.minmax_scale) <= 1.0:
             raise ConfigError(f"weights.minmax_scale must be in (0, 1], got {self.minmax_scale!r}")
+        if self.full_range not in (None, True, False):
+            raise ConfigError(f"weights.full_range must be true, false or null (auto), got {self.full_range!r}")
         if self.full_range and (not self.symmetric or self.narrow or self.format != "int"):
             raise ConfigError("weights.full_range applies to symmetric, non-narrow integer grids (it uses the code "
                               "-2^(bits-1) that a symmetric grid leaves unused)")
@@ -220,14 +224,17 @@ class CaptureConfig:
 class ExportConfig:
     """``dialect``: qdq (DequantizeLinear, onnxruntime-runnable), mx (canonical opset-24 MX for compilers) or
     matmulnbits (com.microsoft.MatMulNBits for integer MatMul weights). ``accuracy_level`` is written on
-    MatMulNBits nodes: 0 computes in float (exact); 4 quantizes activations to int8 per block (faster, inexact)."""
+    MatMulNBits nodes: 0 computes in float (exact); 4 quantizes activations to int8 per block (faster, inexact).
+    None: 4 for an onnxruntime-genai folder that runs on the CPU or WebGPU (what genai's model builder writes there,
+    genai.py), else 0."""
 
     dialect: str = "qdq"
-    accuracy_level: int = 0
+    accuracy_level: int | None = None
 
     def validate(self) -> None:
         _choice("export.dialect", self.dialect, DIALECTS)
-        if self.accuracy_level not in (0, 1, 2, 3, 4) or isinstance(self.accuracy_level, bool):
+        if self.accuracy_level is not None and (self.accuracy_level not in (0, 1, 2, 3, 4)
+                                                or isinstance(self.accuracy_level, bool)):
             raise ConfigError(f"export.accuracy_level must be 0, 1, 2, 3 or 4, got {self.accuracy_level!r}")
 
 
@@ -483,6 +490,16 @@ class QuantConfig:
             except re.error as err:
                 raise ConfigError(f"exclude pattern {pattern!r} is not a valid regular expression: {err}") from None
         return self
+
+    def resolved(self) -> "QuantConfig":
+        """The settings left to the tool (None) decided, as the run uses them and OUT.config.yaml records them."""
+        w, updates = self.weights, {}
+        if w.full_range is None:
+            updates["weights.full_range"] = (self.export.dialect == "matmulnbits" and w.format == "int"
+                                             and w.symmetric and not w.narrow)
+        if self.export.accuracy_level is None:
+            updates["export.accuracy_level"] = 0
+        return self.override(updates) if updates else self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

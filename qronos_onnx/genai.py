@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ExportError, ModelError
 
+from .config import QuantConfig
+
 if TYPE_CHECKING:
     from .api import QuantResult
-    from .config import QuantConfig
 
 CONFIG_NAME = "genai_config.json"
 STAGING_SUFFIX = ".qronos-partial"  # OUT_DIR.qronos-partial: the folder being built (kept with a checkpoint)
@@ -54,6 +55,12 @@ class GenaiFolder:
     @property
     def decoder(self) -> dict[str, Any]:
         return self.config["model"]["decoder"]
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers genai_config.json asks for, in its order; none means the CPU."""
+        options = self.decoder.get("session_options", {}).get("provider_options") or []
+        return [str(name).lower() for entry in options if isinstance(entry, dict) for name in entry]
 
     def decoder_files(self) -> set[Path]:
         """The decoder file and the external data files it references: what the quantized decoder replaces."""
@@ -250,20 +257,35 @@ def default_dialect(config: QuantConfig, dialect_given: bool) -> QuantConfig:
     return config.override({"export.dialect": "matmulnbits"})
 
 
+FAST_ACCURACY_PROVIDERS = ("cpu", "webgpu")  # where genai's model builder writes MatMulNBits accuracy_level 4
+
+
+def default_accuracy_level(config: QuantConfig, folder: GenaiFolder) -> QuantConfig:
+    """An unset ``export.accuracy_level`` becomes what genai's model builder writes for the folder's execution
+    provider: 4 (int8 activations inside MatMulNBits, the fast CPU kernels) on the CPU and WebGPU, 0 elsewhere. A
+    deployment user gets the decode speed of the builder's own int4 folder; ``--accuracy-level 0`` keeps float
+    math."""
+    if config.export.accuracy_level is not None:
+        return config
+    provider = (folder.providers or ["cpu"])[0]
+    return config.override({"export.accuracy_level": 4 if provider in FAST_ACCURACY_PROVIDERS else 0})
+
+
 def quantize_folder(model_dir: str | os.PathLike, calib: Any, output_dir: str | os.PathLike,
                     config: QuantConfig | None = None, *, tokenizer: str | os.PathLike | None = None,
                     overwrite: bool = False, quiet: bool = False, resume: bool = False, checkpoint: bool = True,
                     check_load: bool = True) -> QuantResult:
     """Quantize the decoder of genai folder ``model_dir`` and write a genai folder ``output_dir``.
 
-    ``config`` is used as given (``default_dialect`` gives the CLI's MatMulNBits default). ``tokenizer``: default the
-    folder's own. Returns ``api.quantize()``'s result with the final paths; the decoder's ``.config.yaml`` and
+    ``config`` is used as given (``default_dialect`` gives the CLI's MatMulNBits default), but for an unset
+    ``export.accuracy_level`` (``default_accuracy_level``). ``tokenizer``: default the folder's own. Returns ``api.quantize()``'s result with the final paths; the decoder's ``.config.yaml`` and
     ``.report.json`` sidecars are inside the output folder.
     """
     from .api import quantize
     from .checkpoint import checkpoint_dir
 
     src = open_folder(model_dir)
+    config = default_accuracy_level(config or QuantConfig(), src)
     tok = Path(tokenizer) if tokenizer is not None else src.tokenizer
     calib_path = calib if isinstance(calib, (str, os.PathLike)) else None
     out = check_output_folder(src, output_dir, overwrite, [("calibration data", calib_path), ("tokenizer", tok)])
@@ -329,7 +351,7 @@ def _fix_report(report_path: Path, final_model: Path) -> None:
 def _check_genai_load(stage: Path, src: GenaiFolder) -> None:
     """onnxruntime-genai loads the folder and its tokenizer (skipped when genai is not installed or the folder is built
     for another execution provider than the CPU)."""
-    if src.decoder.get("session_options", {}).get("provider_options"):
+    if src.providers:
         return
     try:
         import onnxruntime_genai as og

@@ -426,3 +426,73 @@ def test_full_range_symmetric_grid_exports_negative_scales(tmp_path, dialect, gs
     fused = run(out, feeds, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,  # DQ+MatMul fused into MatMulNBits
                 config={"session.qdq_matmulnbits_accuracy_level": "0"})[0]
     np.testing.assert_allclose(fused, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_full_range_and_accuracy_level_defaults_resolve_per_dialect():
+    """Unset (None), full_range is on exactly for symmetric integer grids written as MatMulNBits (onnxruntime's own
+    int4 grid) and off in QDQ, where a compiler may refuse negative scales; an explicit value always wins. An unset
+    accuracy_level resolves to 0 (exact) for a plain file (genai folders: test_genai_folder.py)."""
+    from qronos_onnx.config import ConfigError, QuantConfig
+
+    def resolved(**kw) -> QuantConfig:
+        return QuantConfig().override(kw).resolved()
+
+    assert QuantConfig().weights.full_range is None and QuantConfig().export.accuracy_level is None
+    on = resolved(**{"weights.symmetric": True, "export.dialect": "matmulnbits"})
+    assert on.weights.full_range is True and on.export.accuracy_level == 0
+    assert resolved(**{"weights.symmetric": True}).weights.full_range is False  # QDQ
+    assert resolved(**{"weights.symmetric": True, "export.dialect": "mx"}).weights.full_range is False
+    assert resolved(**{"export.dialect": "matmulnbits"}).weights.full_range is False  # asymmetric
+    assert resolved(**{"weights.symmetric": True, "weights.bits": 2, "weights.narrow": True,
+                       "export.dialect": "matmulnbits"}).weights.full_range is False  # ternary
+    assert resolved(**{"weights.format": "mxfp4", "weights.group_size": 32, "weights.symmetric": True,
+                       "export.dialect": "matmulnbits"}).weights.full_range is False
+    assert resolved(**{"weights.symmetric": True, "weights.full_range": False,
+                       "export.dialect": "matmulnbits"}).weights.full_range is False
+    assert resolved(**{"weights.symmetric": True, "weights.full_range": True}).weights.full_range is True
+    assert resolved(**{"export.accuracy_level": 4}).export.accuracy_level == 4
+    with pytest.raises(ConfigError, match="full_range must be true, false or null"):
+        QuantConfig().override({"weights.full_range": "yes"})
+
+
+def test_matmulnbits_symmetric_run_uses_the_full_range_grid_by_default(tmp_path):
+    """`--sym --dialect matmulnbits` writes onnxruntime's extreme-on--8 grid (negative scales, code -8 used) and says
+    so in OUT.config.yaml; the same run in QDQ, or with --no-full-range, keeps positive scales. A layer rule that
+    makes one layer asymmetric under the full-range default is accepted (that layer leaves the full range)."""
+    import yaml
+
+    from qronos_onnx.cli import main
+
+    model = tmp_path / "m.onnx"
+    onnx.save(tm.transformer(n_blocks=1), str(model))
+    common = ["--algo", "rtn", "--sym", "--group-size", "16", "--quiet", "--no-checkpoint"]
+
+    def scales(path: Path) -> np.ndarray:
+        m = onnx.load(str(path))
+        names = {n.input[2] for n in m.graph.node if n.op_type == "MatMulNBits"} | \
+                {n.input[1] for n in m.graph.node if n.op_type == "DequantizeLinear"}
+        return np.concatenate([numpy_helper.to_array(i).ravel() for i in m.graph.initializer if i.name in names])
+
+    def full_range(path: Path) -> bool:
+        return yaml.safe_load(path.with_name(path.name + ".config.yaml").read_text())["weights"]["full_range"]
+
+    nbits = tmp_path / "nbits.onnx"
+    assert main(["quantize", str(model), "-o", str(nbits), "--dialect", "matmulnbits", *common]) == 0
+    assert full_range(nbits) is True and (scales(nbits) < 0).any()
+    qdq = tmp_path / "qdq.onnx"
+    assert main(["quantize", str(model), "-o", str(qdq), *common]) == 0
+    assert full_range(qdq) is False and (scales(qdq) > 0).all()
+    plain = tmp_path / "plain.onnx"
+    assert main(["quantize", str(model), "-o", str(plain), "--dialect", "matmulnbits", "--no-full-range",
+                 *common]) == 0
+    assert full_range(plain) is False and (scales(plain) > 0).all()
+    rules = tmp_path / "layers.yaml"
+    rules.write_text("'.*': {weights: {symmetric: false}}\n")
+    mixed = tmp_path / "mixed.onnx"
+    assert main(["quantize", str(model), "-o", str(mixed), "--dialect", "matmulnbits", "--layer-config", str(rules),
+                 *common]) == 0
+    m = onnx.load(str(mixed))
+    assert all(len(n.input) > 3 and n.input[3] for n in m.graph.node if n.op_type == "MatMulNBits")  # zero points
+    assert (scales(mixed) > 0).all()
+    with pytest.raises(SystemExit):
+        main(["quantize", str(model), "-o", str(tmp_path / "x.onnx"), "--full-range", "--no-full-range", *common])

@@ -163,6 +163,9 @@ def test_quantize_folder_loads_and_generates_in_genai(folder, text, tmp_path, ca
     proto = onnx.load(str(out / "model.onnx"))
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("MatMulNBits") == 11 and "MatMul" not in ops  # genai's own int4 form, lm_head included
+    levels = {a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level"}
+    assert levels == {4}  # a CPU folder: the builder's own int4 default, onnxruntime's fast int8-activation kernels
     assert _inputs(out / "model.onnx") == _inputs(folder / "model.onnx")  # the cache interface as genai wrote it
     report = json.loads((out / "model.onnx.report.json").read_text())
     assert report["output"] == str(out / "model.onnx")
@@ -184,6 +187,42 @@ def test_eval_and_inspect_take_a_genai_folder(folder, text, tmp_path, capsys):
     assert main(["inspect", str(folder)]) == 0
     shown = capsys.readouterr().out
     assert "decoder of onnxruntime-genai folder" in shown and "head dim 16" in shown
+
+
+def test_accuracy_level_follows_the_folders_execution_provider(folder, tmp_path):
+    """Unset, export.accuracy_level becomes what genai's model builder writes for the folder's provider: 4 on the
+    CPU and WebGPU, 0 on others (CUDA, DirectML); a value given by the user is kept."""
+    from qronos_onnx.config import QuantConfig
+
+    src = genai.open_folder(folder)
+    assert src.providers == []
+    assert genai.default_accuracy_level(QuantConfig(), src).export.accuracy_level == 4
+    assert genai.default_accuracy_level(QuantConfig().override({"export.accuracy_level": 0}),
+                                        src).export.accuracy_level == 0
+    for providers, level in (([{"cuda": {}}], 0), ([{"webgpu": {}}], 4), ([{"dml": {}}, {"cpu": {}}], 0)):
+        cfg = json.loads((folder / "genai_config.json").read_text())
+        cfg["model"]["decoder"].setdefault("session_options", {})["provider_options"] = providers
+        other = genai.GenaiFolder(folder, cfg, src.model_file)
+        assert genai.default_accuracy_level(QuantConfig(), other).export.accuracy_level == level, providers
+
+
+def test_accuracy_level_zero_and_a_symmetric_full_range_grid(folder, text, tmp_path):
+    """--accuracy-level 0 keeps float math in MatMulNBits; --sym gives onnxruntime's own int4 grid (each block's
+    extreme on -8, scales of either sign), recorded in the config written beside the decoder."""
+    import yaml
+
+    out = tmp_path / "sym"
+    assert main(["quantize", str(folder), "--calib", str(text), "-o", str(out), "--sym", "--accuracy-level", "0",
+                 "--algo", "rtn", *QUICK]) == 0
+    proto = onnx.load(str(out / "model.onnx"))
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"} == {0}
+    inits = {i.name: i for i in proto.graph.initializer}
+    scales = np.concatenate([onnx.numpy_helper.to_array(inits[n.input[2]]).ravel() for n in nodes])
+    assert (scales < 0).any() and (scales > 0).any()
+    written = yaml.safe_load((out / "model.onnx.config.yaml").read_text())
+    assert written["weights"]["full_range"] is True and written["export"]["accuracy_level"] == 0
+    assert _generate(out) > 0
 
 
 def test_explicit_dialect_qdq_also_loads_in_genai(folder, text, tmp_path):

@@ -108,6 +108,9 @@ def _apply(plan: LayerPlan, rule: dict, cfg: QuantConfig) -> LayerPlan:
                      **w}
             if "bits" in w and w["bits"] != weights.bits:  # a ternary grid is 2-bit only
                 w.setdefault("narrow", False)
+            if weights.full_range and (w.get("symmetric") is False or w.get("format", "int") != "int"
+                                       or w.get("narrow")):  # the run's full-range grid has no such form
+                w.setdefault("full_range", False)
             weights = dataclasses.replace(weights, **w)
             weights.validate()
         if rule["activations"]:

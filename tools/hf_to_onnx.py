@@ -24,6 +24,7 @@ printed on stderr; a failure prints one line naming the step and exits 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -34,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OPTIMUM_VENV = Path(os.environ.get("QRONOS_OPTIMUM_VENV", "/tmp/venv-optimum"))
 OPTIMUM_PINS = ["optimum-onnx==0.1.0", "onnxruntime"]  # onnxruntime: optimum fixes the dynamic axes with it
 TORCH_PIN = "torch==2.13.0"  # first, so that pip never resolves a multi-GB CUDA build
+CHECK_MAX_BYTES = 4 << 30  # check_export loads the checkpoint in float32 beside the export's session
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja")
 
@@ -89,6 +91,85 @@ def genai_route(hf: Path, out: Path, calib: Path, qargs: list[str], overwrite: b
     return target
 
 
+def legacy_config(config: dict) -> dict | None:
+    """``config.json`` as transformers < 4.58 (optimum's) reads it, or None when it already does.
+
+    transformers 5 writes the RoPE settings as ``rope_parameters``; the older library only knows ``rope_theta`` and
+    ``rope_scaling``, and without them silently builds RoPE with its default theta of 10,000: SmolLM2 (theta 100,000)
+    then exports without an error and scores ppl 16.70 instead of 15.58. A per-layer-type ``rope_parameters`` (one
+    dict per attention type) has no older form and is refused.
+    """
+    params = config.get("rope_parameters")
+    if params is None:
+        return None
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise StepError("config.json's rope_parameters has one entry per layer type, which optimum's transformers "
+                        "(< 4.58) cannot express; use the genai route (--route genai)")
+    new = {k: v for k, v in config.items() if k != "rope_parameters"}
+    rope = dict(params)
+    for key in ("rope_theta", "partial_rotary_factor"):  # top-level keys in the older configs
+        if key in rope:
+            new[key] = rope.pop(key)
+    new["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+    return new
+
+
+def export_source(hf: Path, out: Path) -> Path:
+    """The folder optimum exports from: the checkpoint itself, or, when its config.json is transformers 5's, a
+    folder of links to its files with the config translated (``legacy_config``); the checkpoint is never written."""
+    config = json.loads((hf / "config.json").read_text(encoding="utf-8"))
+    legacy = legacy_config(config)
+    if legacy is None:
+        return hf
+    src = out / "optimum-src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    for entry in hf.iterdir():
+        if entry.name != "config.json":
+            (src / entry.name).symlink_to(entry.absolute())
+    (src / "config.json").write_text(json.dumps(legacy, indent=2), encoding="utf-8")
+    log(f"config.json is transformers 5's (rope_parameters): optimum reads a translated copy in {src}")
+    return src
+
+
+def check_export(hf: Path, onnx_file: Path, tokens: int = 16, tol: float = 1e-3) -> None:
+    """The export computes the checkpoint's function: its logits for a fixed prefill of ``tokens`` tokens against
+    transformers' (this Python's, when installed) within ``tol`` relative error; else one line says by how much."""
+    weights = sum(f.stat().st_size for f in hf.iterdir() if f.suffix in (".safetensors", ".bin"))
+    if weights > CHECK_MAX_BYTES:
+        log(f"the checkpoint holds {weights / 2**30:.1f} GiB of weights: the export is not checked against it "
+            f"(the check loads it in float32; limit {CHECK_MAX_BYTES / 2**30:.0f} GiB)")
+        return
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        log("transformers is not installed here: the export is not checked against the checkpoint")
+        return
+    import numpy as np
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(REPO))
+    from qronos_onnx.calib.kv_cache import plan_prefill, specs_from_ort
+
+    config = json.loads((hf / "config.json").read_text(encoding="utf-8"))
+    ids = np.random.default_rng(0).integers(3, min(int(config.get("vocab_size", 1000)), 1000), (1, tokens))
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).logits.numpy()
+    del model
+    sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    plan = plan_prefill(specs_from_ort(sess.get_inputs()), [o.name for o in sess.get_outputs()],
+                        what="the export check")
+    names = [o.name for o in sess.get_outputs()]
+    got = sess.run(None, plan.feed(ids))[names.index("logits") if "logits" in names else 0]
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    if not err <= tol:
+        raise StepError(f"the export {str(onnx_file)!r} does not compute the checkpoint's logits (max relative "
+                        f"difference {err:.3g} > {tol:g} on a {tokens}-token prefill); not quantizing it")
+    log(f"export checked against transformers: max relative logit difference {err:.2g}")
+
+
 def optimum_route(hf: Path, out: Path, calib: Path, qargs: list[str], overwrite: bool, venv: Path) -> Path:
     export = out / "optimum-fp32"
     cli = venv / "bin" / "optimum-cli"
@@ -98,11 +179,15 @@ def optimum_route(hf: Path, out: Path, calib: Path, qargs: list[str], overwrite:
                             f"--optimum-venv {venv}` first (optimum-onnx pins transformers < 4.58)")
         staging = out / "optimum-fp32.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        run("optimum-cli export", [cli, "export", "onnx", "--model", hf, "--task", "text-generation-with-past",
+        src = export_source(hf, out)
+        run("optimum-cli export", [cli, "export", "onnx", "--model", src, "--task", "text-generation-with-past",
                                    staging])
         for name in TOKENIZER_FILES:  # optimum skips a tokenizer its transformers cannot load (transformers 5's)
             if (hf / name).is_file() and not (staging / name).exists():
                 shutil.copy2(hf / name, staging / name)
+        check_export(hf, staging / "model.onnx")
+        if src != hf:
+            shutil.rmtree(src)
         staging.rename(export)
     else:
         log(f"reusing {export}")

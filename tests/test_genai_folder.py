@@ -60,7 +60,9 @@ def folder(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                      rope_parameters={"rope_type": "default", "rope_theta": 500.0})  # not the default 10,000: an
+    # exporter that misreads transformers 5's rope_parameters scores another ppl (the optimum route test)
     LlamaForCausalLM(cfg).eval().save_pretrained(hf)
     out = root / "fp32"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -333,6 +335,9 @@ def test_hf_to_onnx_optimum_route_matches_the_genai_export(checkpoint, folder, t
                  "--seq-len", "32", "--windows", "8", "--quiet", "--json", str(js)]) == 0
     ppl = [m["ppl"]["metrics"]["ppl"] for m in json.loads(js.read_text())["models"].values()]
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-4)  # the same weights through two exporters' cache graphs
+    assert "export checked against transformers" in run.stderr
+    assert json.loads((export / "config.json").read_text())["rope_theta"] == 500.0  # optimum read the translation
+    assert not (tmp_path / "optimum-src").exists()
 
 
 def test_interrupted_folder_run_resumes_to_the_same_folder(folder, text, tmp_path, monkeypatch, capsys):

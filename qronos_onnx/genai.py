@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ExportError, ModelError
-
 from .config import QuantConfig
+from .errors import ExportError, ModelError
 
 if TYPE_CHECKING:
     from .api import QuantResult
@@ -278,8 +277,9 @@ def quantize_folder(model_dir: str | os.PathLike, calib: Any, output_dir: str | 
     """Quantize the decoder of genai folder ``model_dir`` and write a genai folder ``output_dir``.
 
     ``config`` is used as given (``default_dialect`` gives the CLI's MatMulNBits default), but for an unset
-    ``export.accuracy_level`` (``default_accuracy_level``). ``tokenizer``: default the folder's own. Returns ``api.quantize()``'s result with the final paths; the decoder's ``.config.yaml`` and
-    ``.report.json`` sidecars are inside the output folder.
+    ``export.accuracy_level`` (``default_accuracy_level``). ``tokenizer``: default the folder's own. Returns
+    ``api.quantize()``'s result with the final paths; the decoder's ``.config.yaml`` and ``.report.json`` sidecars are
+    inside the output folder.
     """
     from .api import quantize
     from .checkpoint import checkpoint_dir

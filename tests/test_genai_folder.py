@@ -191,7 +191,7 @@ def test_eval_and_inspect_take_a_genai_folder(folder, text, tmp_path, capsys):
     assert "decoder of onnxruntime-genai folder" in shown and "head dim 16" in shown
 
 
-def test_accuracy_level_follows_the_folders_execution_provider(folder, tmp_path):
+def test_accuracy_level_follows_the_folders_execution_provider(folder):
     """Unset, export.accuracy_level becomes what genai's model builder writes for the folder's provider: 4 on the
     CPU and WebGPU, 0 on others (CUDA, DirectML); a value given by the user is kept."""
     from qronos_onnx.config import QuantConfig

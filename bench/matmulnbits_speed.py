@@ -16,17 +16,17 @@ import time
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 
-def _session(model, threads: int) -> ort.InferenceSession:
+def _session(model: ModelProto, threads: int) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def float_model(k: int, n: int, rng) -> object:
+def float_model(k: int, n: int, rng) -> ModelProto:
     w = numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "w")
     node = helper.make_node("MatMul", ["a", "w"], ["y"])
     g = helper.make_graph([node], "mm", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, k])],
@@ -34,7 +34,7 @@ def float_model(k: int, n: int, rng) -> object:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
 
 
-def nbits_model(k: int, n: int, block: int, sym: bool, level: int, rng) -> object:
+def nbits_model(k: int, n: int, block: int, sym: bool, level: int, rng) -> ModelProto:
     blocks = k // block
     b = numpy_helper.from_array(rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8), "b")
     s = numpy_helper.from_array((0.01 * rng.random(n * blocks) + 0.001).astype(np.float32), "s")

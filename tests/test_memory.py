@@ -111,6 +111,37 @@ def test_qdq_codes_are_encoded_when_written(tiny_llama):
                                       encode_weight(t.weight_name, quantized[t.weight_name], t).codes)
 
 
+def test_matmulnbits_codes_are_packed_when_written(tiny_llama, tmp_path):
+    """MatMulNBits B initializers are packed when the file is written (or read), not held for every weight at once;
+    what they give is encode_nbits' B, and the written file runs and decodes to the same weights."""
+    from qronos_onnx.export import export_model
+    from qronos_onnx.export.matmulnbits import decode_matmulnbits, encode_nbits
+    from qronos_onnx.graph.targets import find_targets, weight_matrix
+
+    model = load_model(tiny_llama)
+    targets = [t for t in find_targets(model, []) if t.op_type == "MatMul"][:3]
+    quantized = {}
+    for t in targets:
+        W = weight_matrix(model, t)[0]
+        grid = make_grid(W, WeightQuantConfig(bits=4, symmetric=False, group_size=32))
+        quantized[t.weight_name] = QuantizedWeight(grid.codes(W), grid)
+    export_model(model, quantized, targets, metadata={}, dialect="matmulnbits")
+    for t in targets:
+        value = model.graph.initializers[f"{t.weight_name}_MatMulNBits_B"]
+        assert isinstance(value.const_value, ir.LazyTensor)
+        np.testing.assert_array_equal(value.const_value.numpy(),
+                                      encode_nbits(t.weight_name, quantized[t.weight_name], t).B)
+    out = tmp_path / "nbits.onnx"
+    io.save_model(model, out)
+    written = ir.load(str(out))
+    nodes = {n.name: n for n in written.graph if n.op_type == "MatMulNBits"}
+    assert len(nodes) == len(targets)
+    for t in targets:
+        qw = quantized[t.weight_name]
+        np.testing.assert_array_equal(decode_matmulnbits(nodes[t.name]), qw.dequantize().numpy().T)
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
 def test_embedding_table_in_row_blocks_is_the_same(monkeypatch):
     table = np.random.default_rng(0).standard_normal((1000, 48)).astype(np.float32)
     cfg = EmbeddingConfig(bits=4)

@@ -23,7 +23,10 @@ back to the [K, N] weight for the golden check.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,15 +179,32 @@ def decode_matmulnbits_nk(node: ir.Node) -> np.ndarray:
     return w.reshape(N, k_blocks * block)[:, :K]
 
 
+def _deferred_nbits(enc: NBitsEncoding) -> NBitsEncoding:
+    """``enc`` without its packed codes (a zero-size broadcast view of the same shape stands in): the B initializer
+    is a LazyTensor that packs again when the file is written or the golden check reads it, so that the export never
+    holds every weight's packed codes at once (as export_qdq does for its codes; scales stay, they are small)."""
+    return dataclasses.replace(enc, B=np.broadcast_to(np.zeros((), enc.B.dtype), enc.B.shape))
+
+
 def _rewire_nbits(model: ir.Model, enc: NBitsEncoding, targets: list[Target], taken: set[str],
-                  accuracy_level: int, nodes: dict[str, ir.Node]) -> int:
-    """Replace the weight's MatMuls by MatMulNBits; ``nodes`` (name -> node, built once) is kept up to date."""
+                  accuracy_level: int, nodes: dict[str, ir.Node],
+                  encode: Callable[[], NBitsEncoding] | None = None) -> int:
+    """Replace the weight's MatMuls by MatMulNBits; ``nodes`` (name -> node, built once) is kept up to date;
+    ``encode``: packs B again on demand (a LazyTensor initializer) instead of storing ``enc.B``."""
     graph = model.graph
     w = enc.weight_name
     old = graph.initializers.get(w)
     if old is None:
         raise ExportError(f"weight initializer {w!r} is not in the model's main graph")
-    B = _const(graph, _unique(f"{w}_MatMulNBits_B", taken), enc.B)
+    if encode is None:
+        B = _const(graph, _unique(f"{w}_MatMulNBits_B", taken), enc.B)
+    else:
+        name = _unique(f"{w}_MatMulNBits_B", taken)
+        lazy = ir.LazyTensor(lambda: ir.Tensor(encode().B), dtype=ir.DataType.UINT8, shape=ir.Shape(enc.B.shape),
+                             name=name)
+        B = ir.Value(name=name, shape=ir.Shape(enc.B.shape), type=ir.TensorType(ir.DataType.UINT8),
+                     const_value=lazy)
+        graph.register_initializer(B)
     scales = _const(graph, _unique(f"{w}_MatMulNBits_scales", taken), enc.scales)
     zp = None if enc.zero_points is None else _const(graph, _unique(f"{w}_MatMulNBits_zero_points", taken),
                                                       enc.zero_points)
@@ -210,7 +230,7 @@ def export_matmulnbits(model: ir.Model, quantized: dict[str, QuantizedWeight], t
     by_weight: dict[str, list[Target]] = {}
     for t in targets:
         by_weight.setdefault(t.weight_name, []).append(t)
-    nbits: list[tuple[NBitsEncoding, list[Target]]] = []
+    nbits: list[tuple[NBitsEncoding, list[Target], Callable[[], NBitsEncoding]]] = []
     rest: dict[str, QuantizedWeight] = {}
     for name, qw in quantized.items():
         ts = by_weight.get(name)
@@ -218,7 +238,8 @@ def export_matmulnbits(model: ir.Model, quantized: dict[str, QuantizedWeight], t
             raise ExportError(f"quantized weight {name!r} has no target node in the target list")
         why = nbits_eligible(qw, ts)
         if why is None:
-            nbits.append((encode_nbits(name, qw, ts[0]), ts))
+            encode = functools.partial(encode_nbits, name, qw, ts[0])
+            nbits.append((_deferred_nbits(encode()), ts, encode))  # encoded once here: its checks raise now
         else:
             log.info("MatMulNBits: weight %s written as QDQ (%s)", name, why)
             rest[name] = qw
@@ -229,7 +250,7 @@ def export_matmulnbits(model: ir.Model, quantized: dict[str, QuantizedWeight], t
         model.metadata_props.update({str(k): str(v) for k, v in metadata.items()})
     taken = _all_names(model)
     nodes = {n.name: n for n in model.graph if n.name}
-    n = sum(_rewire_nbits(model, enc, ts, taken, accuracy_level, nodes) for enc, ts in nbits)
+    n = sum(_rewire_nbits(model, enc, ts, taken, accuracy_level, nodes, encode) for enc, ts, encode in nbits)
     if nbits:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     props = model.metadata_props
@@ -241,7 +262,7 @@ def export_matmulnbits(model: ir.Model, quantized: dict[str, QuantizedWeight], t
     props["quant.dialect"] = "matmulnbits"
     props["quant.quantized_weights"] = str(len(quantized))
     props["quant.matmulnbits_nodes"] = str(n)
-    props["quant.matmulnbits_bits"] = ",".join(sorted({str(e.bits) for e, _ in nbits}))
+    props["quant.matmulnbits_bits"] = ",".join(sorted({str(e.bits) for e, _, _ in nbits}))
     props["quant.matmulnbits_accuracy_level"] = str(accuracy_level)
     log.info("MatMulNBits export: %d weights as %d MatMulNBits nodes, %d weights as QDQ", len(nbits), n, len(rest))
     return model

@@ -205,6 +205,28 @@ def test_lazy_block_size_does_not_change_codes(algorithm):
         torch.testing.assert_close(r, results[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("algorithm", ["gptq", "gpfq", "qronos"])
+@pytest.mark.parametrize("fmt", ["int-g8", "int-pc", "mxfp4"])
+def test_row_chunks_of_the_column_loop_give_the_same_bits(monkeypatch, algorithm, fmt):
+    """The column loop runs a few rows at a time (cache); rows are independent there, so any chunking gives the same
+    bits as the whole block at once, float32 solve included, batched problems and every grid kind."""
+    from qronos_onnx.formats import make_grid
+
+    probs = [make_problem(s, m=300, N=64, K=37) for s in (3, 4)]
+    W = torch.stack([p[2] for p in probs]).float()
+    H = torch.cat([stats(p[0], p[1])[0] for p in probs]).float()
+    G = torch.cat([stats(p[0], p[1])[1] for p in probs]).float()
+    wcfg = {"int-g8": WeightQuantConfig(bits=3, group_size=8), "int-pc": WeightQuantConfig(bits=4, group_size=0),
+            "mxfp4": WeightQuantConfig(format="mxfp4", group_size=32)}[fmt]
+    grid = make_grid(W, wcfg)
+    cfg = RoundingConfig(algorithm=algorithm, block_size=16)
+    monkeypatch.setattr(core, "ROW_CHUNK_ELEMENTS", 1 << 30)  # one chunk: the loop as it was
+    whole = round_weights(W, grid, H, G, cfg).codes
+    for elements in (1, 16 * 2 * 16):  # 8 rows (the floor; 37 = 4 x 8 + 5), 16 rows (37 = 2 x 16 + 5)
+        monkeypatch.setattr(core, "ROW_CHUNK_ELEMENTS", elements)
+        assert torch.equal(round_weights(W, grid, H, G, cfg).codes, whole), (algorithm, fmt, elements)
+
+
 # ----------------------------------------------------------------------------------------------------- the grid
 
 def test_codes_lie_on_the_grid_for_every_algorithm_and_format():

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import SolverError
 from ..formats.grid import IntGrid
+from ..threads import torch_threads
 
 POWER_ITERATIONS = 30  # Brevitas magr.py::_power_iteration
 CHOL_GUARD = 1e4  # chol(c*A)/sqrt(c), Brevitas gptq.py / qronos.py
@@ -358,31 +359,49 @@ def lazy_round(Y: torch.Tensor, P: torch.Tensor, grid: ColumnGrid, *, start: int
     codes = torch.zeros_like(Y)
     for i0 in range(start, N, block):
         i1 = min(i0 + block, N)
-        Yb = Y[..., i0:i1].clone()  # contiguous copies of the block: the per-column work stays in cache
+        Yb = Y[..., i0:i1].clone()  # contiguous copies of the block
         Db = torch.empty_like(Yb)
         Cb = torch.empty_like(Yb)
         Ob = None if offset is None else offset[..., i0:i1].clone()
         Pb = P[:, i0:i1, i0:i1]
         g = grid.block(i0, i1)
-        for j in range(i1 - i0):
-            y = Yb[..., j : j + 1]
-            x = first_value[..., None] if (first_value is not None and i0 + j == start) else y
-            c = g.codes(x, j)
-            q = g.decode(c, j).to(Y.dtype)
-            Cb[..., j : j + 1] = c
-            if err_scale is None:
-                d = q
-            else:
-                d = (y - q) * err_scale[:, i0 + j, None, None]
-                if Ob is not None:
-                    d = d - Ob[..., j : j + 1]
-            Db[..., j : j + 1] = d
-            if j + 1 < i1 - i0:
-                Yb[..., j + 1 :].addcmul_(d, Pb[:, j : j + 1, j + 1 :], value=-1.0)
+        # rows are independent in the column loop: a few at a time keeps each column's strided reads in cache
+        # (a whole 32000-row lm_head block is 16 MB); every element sees the same operations, so the same bits
+        # elementwise, so on one thread (threads.py): the same bits, no waiting for a second thread per column
+        rows = max(8, ROW_CHUNK_ELEMENTS // (B * (i1 - i0)))
+        with torch_threads(1):
+            for r0 in range(0, K, rows):
+                r = slice(r0, min(r0 + rows, K))
+                fv = None if first_value is None or i0 != start else first_value[:, r, None]
+                _round_columns(Yb[:, r], Db[:, r], Cb[:, r], None if Ob is None else Ob[:, r], Pb,
+                               g if r0 == 0 and r.stop == K else g.slice_rows(r), err_scale, i0, fv)
         codes[..., i0:i1] = Cb
         if i1 < N:  # in place, no K x N temporary: this update is most of the loop's memory traffic
             Y[..., i1:].baddbmm_(Db, P[:, i0:i1, i1:], alpha=-1.0)
     return codes
+
+
+ROW_CHUNK_ELEMENTS = 1 << 16  # rows x block columns (x batch) handled per pass of the column loop: 256 KB of float32
+
+
+def _round_columns(Yb: torch.Tensor, Db: torch.Tensor, Cb: torch.Tensor, Ob: torch.Tensor | None, Pb: torch.Tensor,
+                   g, err_scale: torch.Tensor | None, i0: int, first: torch.Tensor | None) -> None:
+    """The per-column loop of :func:`lazy_round` over one block (and some of its rows), in place on the views."""
+    for j in range(Yb.shape[-1]):
+        y = Yb[..., j : j + 1]
+        x = first if (first is not None and j == 0) else y
+        c = g.codes(x, j)
+        q = g.decode(c, j).to(Yb.dtype)
+        Cb[..., j : j + 1] = c
+        if err_scale is None:
+            d = q
+        else:
+            d = (y - q) * err_scale[:, i0 + j, None, None]
+            if Ob is not None:
+                d = d - Ob[..., j : j + 1]
+        Db[..., j : j + 1] = d
+        if j + 1 < Yb.shape[-1]:
+            Yb[..., j + 1 :].addcmul_(d, Pb[:, j : j + 1, j + 1 :], value=-1.0)
 
 
 def times_upper_t(R: torch.Tensor, U: torch.Tensor, block: int = 256) -> torch.Tensor:

@@ -95,6 +95,7 @@ class QuantResult:
     precision: dict = field(default_factory=dict)  # the bit budget and what it promoted (--target-bits)
     embeddings: list[dict] = field(default_factory=list)  # QuantizedTable.report() of each quantized table
     lm_head: dict = field(default_factory=dict)  # mode, head nodes, heads untied from a table
+    waves: list[dict] = field(default_factory=list)  # per wave run here: target nodes, capture_s, round_s
 
     @property
     def data_free(self) -> bool:
@@ -303,6 +304,7 @@ def _quantize_pinned(model_path, calib, output_path, cfg: QuantConfig, *, tokeni
 
     quantized = _code_store(targets)
     reports: list[LayerReport] = []
+    waves: list[dict] = []  # this run's waves: targets, capture and rounding seconds
     ckpt = None
     t_capture0 = time.perf_counter()
     if data_free:  # nothing needs activations: round wave by wave in schedule order; no capture, no checkpoint
@@ -323,16 +325,21 @@ def _quantize_pinned(model_path, calib, output_path, cfg: QuantConfig, *, tokeni
             if ckpt.manifest is not None:
                 engine.resume_from(ckpt.engine_state())
             try:
+                t_wave = time.perf_counter()
                 for wave_targets, stats in engine.waves():
                     t0 = time.perf_counter()
                     new = _round_wave(model, wave_targets, stats, cfg, device, quantized, reports, plans, dist)
                     t_round += time.perf_counter() - t0
+                    # per wave, so that a big model's cost can be read per layer kind (docs/scaling.md)
+                    waves.append({"targets": [t.name for t in wave_targets], "capture_s": round(t0 - t_wave, 3),
+                                  "round_s": round(time.perf_counter() - t0, 3)})
                     engine.set_weights(new)
                     del new, stats
                     trim()  # the wave's sessions, weights and statistics: given back before the next (memory.py)
                     done += 1
                     if checkpoint:
                         ckpt.save(engine, engine.wave, done, total, quantized, reports)
+                    t_wave = time.perf_counter()
             except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: say how far the checkpoint got (cli.py prints it)
                 err.qronos_progress = (ckpt.done if checkpoint else done, total, checkpoint and ckpt.done > 0)
                 raise
@@ -420,6 +427,7 @@ def _quantize_pinned(model_path, calib, output_path, cfg: QuantConfig, *, tokeni
                        **(budget.to_dict() if budget is not None else {})},
             embeddings=[qt.report() for qt in tables],
             lm_head=lm_head,
+            waves=waves,
         )
         stage.write_text(config_path, _config_yaml(cfg, plans, everything, budget))
         report = _report_dict(result, model_path)
@@ -887,6 +895,7 @@ def _report_dict(result: QuantResult, model_path) -> dict:
         "peak_rss_bytes": result.peak_rss_bytes,
         "calibration_samples": result.n_samples,
         "timings_seconds": result.timings,
+        "waves": result.waves,
         "config": result.config.to_dict(),
         **({"output_errors": DATA_FREE_NOTE} if result.data_free else {}),
         "layers": [asdict(r) for r in result.layers],

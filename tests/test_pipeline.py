@@ -133,8 +133,13 @@ def test_cli_quantize_inspect_recipes(transformer_files, tmp_path):
     cfg = yaml.safe_load(Path(str(out) + ".config.yaml").read_text())
     assert cfg["weights"]["bits"] == 3 and cfg["weights"]["group_size"] == 16 and cfg["seed"] == 3
     assert cfg["rounding"]["algorithm"] == "gptq" and cfg["exclude"] == ["lm_head"]
-    layers = json.loads(Path(str(out) + ".report.json").read_text())["layers"]
+    report = json.loads(Path(str(out) + ".report.json").read_text())
+    layers = report["layers"]
     assert all("lm_head" not in lay["nodes"] for lay in layers)
+    # per-wave seconds: every quantized node in exactly one wave, in schedule order
+    waved = [n for w in report["waves"] for n in w["targets"]]
+    assert sorted(waved) == sorted(n for lay in layers for n in lay["nodes"])
+    assert all(w["capture_s"] >= 0 and w["round_s"] > 0 for w in report["waves"]) and len(report["waves"]) > 1
 
     r = _cli("inspect", str(model))
     assert r.returncode == 0 and "b0_q_proj" in r.stdout and "quantizable nodes: 15" in r.stdout

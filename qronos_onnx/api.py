@@ -736,14 +736,18 @@ def _solve_batch(batch: list[_Unit], measured: bool, cfg: QuantConfig, device: t
             Wd = W.to(device).float()
             # errors are against the original W either way; RTN's own codes are the RTN candidate (measure once)
             Q_rtn = Q if cfg.rounding.algorithm == "rtn" else grid_d.round(V.to(device).float())
-        errs = [e.cpu() for e in reconstruction_errors(Wd, [Q] if Q_rtn is Q else [Q, Q_rtn], H, G, F)]
-        err, rtn_err = errs[0], errs[-1]
+        # a unit of several weights (q/k/v, gate/up solved as one) is measured per weight below: the whole-batch
+        # errors are needed only for single-weight units (they cost as much as the solve's own products)
+        if any(len(u.names) == 1 for u in batch):
+            errs = [e.cpu() for e in reconstruction_errors(Wd, [Q] if Q_rtn is Q else [Q, Q_rtn], H, G, F)]
+            err, rtn_err = errs[0], errs[-1]
     b0 = 0
     for u in batch:
         g = u.W.shape[0]
         sl = slice(b0, b0 + g)
         # per-unit error: combine conv groups by their share of ||XW||^2 (equal weight is close enough here)
-        e, e_rtn = (float(err[sl].mean()), float(rtn_err[sl].mean())) if measured else (None, None)
+        e, e_rtn = (float(err[sl].mean()), float(rtn_err[sl].mean())) if measured and len(u.names) == 1 \
+            else (None, None)
         unit: list[tuple[float | None, float | None]] = []
         r0 = 0
         for rows in u.row_splits:

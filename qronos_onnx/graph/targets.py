@@ -7,6 +7,7 @@ MatMul/Gemm); each conv group has its own H and G.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,7 +78,9 @@ class Target:
         w = np.asarray(weight)
         if w.dtype not in (np.float16, np.float32, np.float64):  # e.g. bfloat16 (ml_dtypes): numpy converts it
             w = w.astype(np.float32)
-        src = torch.from_numpy(w)
+        with warnings.catch_warnings():  # a read-only (memory-mapped) weight: read here, never written, copied below
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            src = torch.from_numpy(w)
         t = src
         if self.op_type != "Conv" and not (self.op_type == "Gemm" and self.trans_b):
             # copied contiguous: every later pass over a transposed view would be strided. torch's blocked

@@ -17,9 +17,10 @@ from ..graph.targets import ConvParams, Target
 from ..threads import torch_threads
 from .im2col import conv_pads, unfold, unfold_rows
 
-# im2col elements per stream and piece (1 MiB of float32): a piece's patches stay in cache between their copy and
+# im2col elements per stream and piece (2 MiB of float32): a piece's patches stay in cache between their copy and
 # their product. A constant, so the pieces, and so the bits of the sums, do not depend on the machine.
-PIECE_ELEMENTS = 1 << 18
+PIECE_ELEMENTS = 1 << 19
+ONE_THREAD_FEATURES = 256  # see gemm_threads
 
 
 @dataclass
@@ -86,6 +87,16 @@ def pieces(x: torch.Tensor, conv: ConvParams) -> list[tuple[slice, slice]]:
     return [(slice(i, min(i + bp, b)), slice(j, min(j + gp, g))) for i in range(0, b, bp) for j in range(0, g, gp)]
 
 
+def gemm_threads(n_features: int) -> int:
+    """torch threads for one piece's products: one below ``ONE_THREAD_FEATURES`` features per group, else the run's.
+
+    A piece is small (``PIECE_ELEMENTS``): with few features its products take well under a millisecond, and a second
+    thread costs more in waiting than it saves (on a loaded 2-core box, milliseconds per call, spinning). A function
+    of the shapes only, not of the machine: the bits of these products no longer depend on ``capture.threads``.
+    """
+    return 1 if n_features < ONE_THREAD_FEATURES else torch.get_num_threads()
+
+
 class StatsAccumulator:
     """Running sums of X~^T X~, X~^T X and X^T X for one (input tensor, conv parameters) pair.
 
@@ -99,9 +110,10 @@ class StatsAccumulator:
                  dtype: torch.dtype = torch.float32, hold: bool = False):
         shape = (groups, n_features, n_features)
         self.device, self.dtype = torch.device(device), dtype
-        self.H = torch.zeros(shape, device=device, dtype=dtype)
-        self.G = torch.zeros(shape, device=device, dtype=dtype)
-        self.F = torch.zeros(shape, device=device, dtype=dtype)
+        with torch_threads(1):  # memset
+            self.H = torch.zeros(shape, device=device, dtype=dtype)
+            self.G = torch.zeros(shape, device=device, dtype=dtype)
+            self.F = torch.zeros(shape, device=device, dtype=dtype)
         self.n = 0
         self.hold = hold
         self.held: list[list[torch.Tensor]] = []  # [H, G, F] partials of each batch, in order (hold=True)
@@ -130,7 +142,9 @@ class StatsAccumulator:
             self.held.append([make() for make in products])
             return
         for total, make in zip((self.H, self.G, self.F), products):
-            total += make()
+            part = make()
+            with torch_threads(1):  # elementwise: the same bits on any thread count
+                total += part
 
     def add_conv(self, x_tilde: torch.Tensor, x: torch.Tensor, conv: ConvParams, same: bool) -> None:
         """Fold one batch of conv inputs [B, C, *spatial] without materializing the batch's im2col matrix.
@@ -139,27 +153,26 @@ class StatsAccumulator:
         products added to this batch's sums right away, while the piece is still in cache. The batch's partial sums
         are then folded like ``add``'s: one partial per batch, added to the totals in batch order.
         """
-        n_sums = 1 if same else 3
-        parts = [torch.zeros_like(self.H) for _ in range(n_sums)]
-        for images, groups in pieces(x_tilde, conv):
-            channels = slice(groups.start * (x.shape[1] // conv.group), groups.stop * (x.shape[1] // conv.group))
-            n_groups = groups.stop - groups.start
-            with torch_threads(1):  # strided copies: memory-bound (threads.py)
+        n_features = self.H.shape[-1]
+        with torch_threads(1):  # elementwise (zeros, sums) and strided copies: memory-bound (threads.py)
+            parts = [torch.zeros_like(self.H) for _ in range(1 if same else 3)]
+            for images, groups in pieces(x_tilde, conv):
+                channels = slice(groups.start * (x.shape[1] // conv.group), groups.stop * (x.shape[1] // conv.group))
+                n_groups = groups.stop - groups.start
                 pq = unfold_rows(x_tilde[images, channels], conv, n_groups)
                 pf = pq if same else unfold_rows(x[images, channels], conv, n_groups)
-            if same:
-                parts[0][groups].baddbmm_(pq, pq.transpose(1, 2))
-            else:
-                parts[0][groups].baddbmm_(pq, pq.transpose(1, 2))
-                parts[1][groups].baddbmm_(pq, pf.transpose(1, 2))
-                parts[2][groups].baddbmm_(pf, pf.transpose(1, 2))
-        self.n += math.prod(out_spatial(x, conv)) * x.shape[0]
-        products = parts * 3 if same else parts
-        if self.hold:
-            self.held.append(products)
-            return
-        for total, part in zip((self.H, self.G, self.F), products):
-            total += part
+                with torch_threads(gemm_threads(n_features)):
+                    parts[0][groups].baddbmm_(pq, pq.transpose(1, 2))
+                    if not same:
+                        parts[1][groups].baddbmm_(pq, pf.transpose(1, 2))
+                        parts[2][groups].baddbmm_(pf, pf.transpose(1, 2))
+            self.n += math.prod(out_spatial(x, conv)) * x.shape[0]
+            products = parts * 3 if same else parts
+            if self.hold:
+                self.held.append(products)
+                return
+            for total, part in zip((self.H, self.G, self.F), products):
+                total += part
 
     def finalize(self, inplace: bool = False) -> LayerStats:
         return finalize([self], inplace=inplace)

@@ -705,10 +705,11 @@ class _Solved:
 
 def _solve_batch(batch: list[_Unit], measured: bool, cfg: QuantConfig, device: torch.device) -> _Solved:
     # [B, rows, cols]; a batch of one is used as it is (a copy of an lm_head is hundreds of MB)
-    W = torch.cat([u.W for u in batch]) if len(batch) > 1 else batch[0].W
-    grid = _cat_grids([u.grid for u in batch]) if len(batch) > 1 else batch[0].grid
-    H, G, F = ((torch.cat([getattr(u.stats, m) for u in batch]).to(device) if measured else None)
-               for m in "HGF")
+    with torch_threads(1):  # copies (threads.py)
+        W = torch.cat([u.W for u in batch]) if len(batch) > 1 else batch[0].W
+        grid = _cat_grids([u.grid for u in batch]) if len(batch) > 1 else batch[0].grid
+        H, G, F = ((torch.cat([getattr(u.stats, m) for u in batch]).to(device) if measured else None)
+                   for m in "HGF")
     t0 = time.perf_counter()
     plan = batch[0].plan
     V = W  # MagR (spec §4.5, §2.4): grid and solver start from V = MagR(W) on the float F; W stays the reference

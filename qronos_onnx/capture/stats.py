@@ -14,13 +14,12 @@ import torch
 
 from ..errors import ModelError
 from ..graph.targets import ConvParams, Target
-from ..threads import torch_threads
+from ..threads import threads_for, torch_threads
 from .im2col import conv_pads, unfold, unfold_rows
 
 # im2col elements per stream and piece (2 MiB of float32): a piece's patches stay in cache between their copy and
 # their product. A constant, so the pieces, and so the bits of the sums, do not depend on the machine.
 PIECE_ELEMENTS = 1 << 19
-ONE_THREAD_FEATURES = 256  # see gemm_threads
 
 
 @dataclass
@@ -87,16 +86,6 @@ def pieces(x: torch.Tensor, conv: ConvParams) -> list[tuple[slice, slice]]:
     return [(slice(i, min(i + bp, b)), slice(j, min(j + gp, g))) for i in range(0, b, bp) for j in range(0, g, gp)]
 
 
-def gemm_threads(n_features: int) -> int:
-    """torch threads for one piece's products: one below ``ONE_THREAD_FEATURES`` features per group, else the run's.
-
-    A piece is small (``PIECE_ELEMENTS``): with few features its products take well under a millisecond, and a second
-    thread costs more in waiting than it saves (on a loaded 2-core box, milliseconds per call, spinning). A function
-    of the shapes only, not of the machine: the bits of these products no longer depend on ``capture.threads``.
-    """
-    return 1 if n_features < ONE_THREAD_FEATURES else torch.get_num_threads()
-
-
 class StatsAccumulator:
     """Running sums of X~^T X~, X~^T X and X^T X for one (input tensor, conv parameters) pair.
 
@@ -153,7 +142,7 @@ class StatsAccumulator:
         products added to this batch's sums right away, while the piece is still in cache. The batch's partial sums
         are then folded like ``add``'s: one partial per batch, added to the totals in batch order.
         """
-        n_features = self.H.shape[-1]
+        gemm = threads_for(self.H.shape[-1])  # the run's pinned count, or one for small products (threads.py)
         with torch_threads(1):  # elementwise (zeros, sums) and strided copies: memory-bound (threads.py)
             parts = [torch.zeros_like(self.H) for _ in range(1 if same else 3)]
             for images, groups in pieces(x_tilde, conv):
@@ -161,7 +150,7 @@ class StatsAccumulator:
                 n_groups = groups.stop - groups.start
                 pq = unfold_rows(x_tilde[images, channels], conv, n_groups)
                 pf = pq if same else unfold_rows(x[images, channels], conv, n_groups)
-                with torch_threads(gemm_threads(n_features)):
+                with torch_threads(gemm):
                     parts[0][groups].baddbmm_(pq, pq.transpose(1, 2))
                     if not same:
                         parts[1][groups].baddbmm_(pq, pf.transpose(1, 2))

@@ -41,7 +41,7 @@ from .memory import peak_rss_bytes, trim
 from .graph.schedule import build_schedule
 from .precision import (AUTO_SAMPLES_MAX, LayerPlan, apply_target_bits, average_bits, is_mixed, promote,
                         resolve_plan, storage_bits)
-from .threads import pinned_threads, torch_threads
+from .threads import pinned_threads, threads_for, torch_threads
 from .transforms import TransformLog
 from .transforms.fused import FusedRotationUnsupported, fuse_rotations
 from .transforms.magr import magr_batch
@@ -717,9 +717,11 @@ def _solve_batch(batch: list[_Unit], measured: bool, cfg: QuantConfig, device: t
         V, grid = magr_batch(batch, W, F, dataclasses.replace(cfg, weights=plan.weights), device)
     n_tokens = [u.stats.n_tokens for u in batch for _ in range(u.W.shape[0])]
     # the solver's GEMMs (and MagR's, and the errors') run on the caller's threads: skinny GEMMs (a few columns,
-    # many rows or tokens) give other bits on one thread than on two
-    res = round_weights(V.to(device), grid.to(device), H, G, cfg.rounding, act_quant=plan.activations.enabled,
-                        seed=cfg.seed, n_tokens=n_tokens, device=device, W0=None if V is W else W.to(device))
+    # many rows or tokens) give other bits on one thread than on two; small problems on one (threads.threads_for)
+    solve_threads = threads_for(W.shape[-1])
+    with torch_threads(solve_threads):
+        res = round_weights(V.to(device), grid.to(device), H, G, cfg.rounding, act_quant=plan.activations.enabled,
+                            seed=cfg.seed, n_tokens=n_tokens, device=device, W0=None if V is W else W.to(device))
     seconds = (time.perf_counter() - t0) / len(batch)
     errors: list[list[tuple[float | None, float | None]]] = []
     if measured:

@@ -731,7 +731,8 @@ def _solve_batch(batch: list[_Unit], measured: bool, cfg: QuantConfig, device: t
             Wd = W.to(device).float()
             # errors are against the original W either way; RTN's own codes are the RTN candidate (measure once)
             Q_rtn = Q if cfg.rounding.algorithm == "rtn" else grid_d.round(V.to(device).float())
-        errs = [e.cpu() for e in reconstruction_errors(Wd, [Q] if Q_rtn is Q else [Q, Q_rtn], H, G, F)]
+        with torch_threads(solve_threads):  # small: one thread; the errors' last bits may differ from two threads
+            errs = [e.cpu() for e in reconstruction_errors(Wd, [Q] if Q_rtn is Q else [Q, Q_rtn], H, G, F)]
         err, rtn_err = errs[0], errs[-1]
     b0 = 0
     for u in batch:

@@ -41,7 +41,7 @@ from .memory import peak_rss_bytes, trim
 from .graph.schedule import build_schedule
 from .precision import (AUTO_SAMPLES_MAX, LayerPlan, apply_target_bits, average_bits, is_mixed, promote,
                         resolve_plan, storage_bits)
-from .threads import pinned_threads, torch_threads
+from .threads import pinned_threads, threads_for, torch_threads
 from .transforms import TransformLog
 from .transforms.fused import FusedRotationUnsupported, fuse_rotations
 from .transforms.magr import magr_batch
@@ -713,10 +713,11 @@ class _Solved:
 
 def _solve_batch(batch: list[_Unit], measured: bool, cfg: QuantConfig, device: torch.device) -> _Solved:
     # [B, rows, cols]; a batch of one is used as it is (a copy of an lm_head is hundreds of MB)
-    W = torch.cat([u.W for u in batch]) if len(batch) > 1 else batch[0].W
-    grid = _cat_grids([u.grid for u in batch]) if len(batch) > 1 else batch[0].grid
-    H, G, F = ((torch.cat([getattr(u.stats, m) for u in batch]).to(device) if measured else None)
-               for m in "HGF")
+    with torch_threads(1):  # copies (threads.py)
+        W = torch.cat([u.W for u in batch]) if len(batch) > 1 else batch[0].W
+        grid = _cat_grids([u.grid for u in batch]) if len(batch) > 1 else batch[0].grid
+        H, G, F = ((torch.cat([getattr(u.stats, m) for u in batch]).to(device) if measured else None)
+                   for m in "HGF")
     t0 = time.perf_counter()
     plan = batch[0].plan
     V = W  # MagR (spec §4.5, §2.4): grid and solver start from V = MagR(W) on the float F; W stays the reference
@@ -724,9 +725,11 @@ def _solve_batch(batch: list[_Unit], measured: bool, cfg: QuantConfig, device: t
         V, grid = magr_batch(batch, W, F, dataclasses.replace(cfg, weights=plan.weights), device)
     n_tokens = [u.stats.n_tokens for u in batch for _ in range(u.W.shape[0])]
     # the solver's GEMMs (and MagR's, and the errors') run on the caller's threads: skinny GEMMs (a few columns,
-    # many rows or tokens) give other bits on one thread than on two
-    res = round_weights(V.to(device), grid.to(device), H, G, cfg.rounding, act_quant=plan.activations.enabled,
-                        seed=cfg.seed, n_tokens=n_tokens, device=device, W0=None if V is W else W.to(device))
+    # many rows or tokens) give other bits on one thread than on two; small problems on one (threads.threads_for)
+    solve_threads = threads_for(W.shape[-1])
+    with torch_threads(solve_threads):
+        res = round_weights(V.to(device), grid.to(device), H, G, cfg.rounding, act_quant=plan.activations.enabled,
+                            seed=cfg.seed, n_tokens=n_tokens, device=device, W0=None if V is W else W.to(device))
     seconds = (time.perf_counter() - t0) / len(batch)
     errors: list[list[tuple[float | None, float | None]]] = []
     if measured:
@@ -739,7 +742,8 @@ def _solve_batch(batch: list[_Unit], measured: bool, cfg: QuantConfig, device: t
         # a unit of several weights (q/k/v, gate/up solved as one) is measured per weight below: the whole-batch
         # errors are needed only for single-weight units (they cost as much as the solve's own products)
         if any(len(u.names) == 1 for u in batch):
-            errs = [e.cpu() for e in reconstruction_errors(Wd, [Q] if Q_rtn is Q else [Q, Q_rtn], H, G, F)]
+            with torch_threads(solve_threads):  # small: one thread; the errors' last bits may differ from two
+                errs = [e.cpu() for e in reconstruction_errors(Wd, [Q] if Q_rtn is Q else [Q, Q_rtn], H, G, F)]
             err, rtn_err = errs[0], errs[-1]
     b0 = 0
     for u in batch:

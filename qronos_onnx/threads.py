@@ -15,7 +15,11 @@ copies) are memory-bound: a second thread barely helps them, and on a small shar
 for a thread the scheduler gave away, spinning meanwhile (measured on the 2-core bench box under load: 6 ms per
 0.9 M-element elementwise op on 2 threads, 0.1-0.4 ms on one). Their results do not depend on the thread count, so
 running them on one thread changes no bit of the output. CPU LAPACK calls (Cholesky, inverse) also run on one thread
-(rounding/core.py::lapack_one_thread): MKL blocks them by thread count.
+(rounding/core.py::lapack_one_thread): MKL blocks them by thread count. So do Qronos' power iteration (matrix-vector
+products: the same bits on one and two threads) and, by ``threads_for``, the products of small problems: a conv's
+statistics with fewer than ``ONE_THREAD_FEATURES`` features per group (capture/stats.py, pieces of a few hundred
+microseconds) and the solves and errors of layers with fewer columns (api.py). There a second thread only waits; the
+choice is fixed by the shapes, so those results do not depend on ``capture.threads`` at all.
 """
 from __future__ import annotations
 
@@ -24,6 +28,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+
+ONE_THREAD_FEATURES = 256  # see threads_for
+
+
+def threads_for(n_features: int) -> int:
+    """torch threads for products over ``n_features`` columns: one below ``ONE_THREAD_FEATURES``, else the current.
+
+    Small products (a depthwise conv's 9 or 25 columns, a narrow 1x1 conv's) take well under a millisecond; on a
+    loaded 2-core box a second thread made them milliseconds, spinning. A function of the shape only, not of the
+    machine, so the bits it gives are the same everywhere.
+    """
+    return 1 if n_features < ONE_THREAD_FEATURES else torch.get_num_threads()
 
 
 def cores() -> int:

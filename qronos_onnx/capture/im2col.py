@@ -34,14 +34,16 @@ def conv_pads(conv: ConvParams, spatial: tuple[int, ...]) -> tuple[list[int], li
     return begins, ends
 
 
-def unfold(x: torch.Tensor, conv: ConvParams) -> torch.Tensor:
-    """``x`` [B, C, *spatial] -> ``[groups, B * prod(out_spatial), C / groups * prod(kernel)]``."""
-    r = conv.spatial_rank
+def windows(x: torch.Tensor, conv: ConvParams, groups: int | None = None) -> torch.Tensor:
+    """``x`` [B, C, *spatial] -> a view ``[B, C, *out_spatial, *kernel]`` of its padded copy (no im2col copy yet).
+
+    ``groups``: how many conv groups ``x`` holds (default ``conv.group``; fewer for a slice of the channels).
+    """
+    r, g = conv.spatial_rank, conv.group if groups is None else groups
     if x.dim() != r + 2:
         raise ModelError(f"Conv input of rank {x.dim()} does not match a {r}-D kernel {conv.kernel_shape}")
-    b, c = x.shape[:2]
-    if c % conv.group:
-        raise ModelError(f"Conv input has {c} channels, not divisible by group={conv.group}")
+    if x.shape[1] % g:
+        raise ModelError(f"Conv input has {x.shape[1]} channels, not divisible by group={g}")
     begins, ends = conv_pads(conv, tuple(x.shape[2:]))
     torch_pads: list[int] = []
     for i in reversed(range(r)):  # F.pad wants the last axis first
@@ -53,8 +55,30 @@ def unfold(x: torch.Tensor, conv: ConvParams) -> torch.Tensor:
         if x.shape[2 + i] < span:
             raise ModelError(f"Conv input is smaller than the dilated kernel ({x.shape[2 + i]} < {span})")
         x = x.unfold(2 + i, span, s)  # [B, C, ..., L_i, ..., window_0, ..., window_i]
-    x = x[(slice(None),) * (2 + r) + tuple(slice(None, None, d) for d in conv.dilations)]
+    return x[(slice(None),) * (2 + r) + tuple(slice(None, None, d) for d in conv.dilations)]
+
+
+def unfold(x: torch.Tensor, conv: ConvParams) -> torch.Tensor:
+    """``x`` [B, C, *spatial] -> ``[groups, B * prod(out_spatial), C / groups * prod(kernel)]``."""
+    r, c = conv.spatial_rank, x.shape[1]
+    x = windows(x, conv)
     # [B, C, L..., k...] -> [B, L..., C, k...] -> [B * prod(L), groups, C_g * prod(k)]
     perm = [0, *range(2, 2 + r), 1, *range(2 + r, 2 + 2 * r)]
     x = x.permute(*perm).reshape(-1, conv.group, (c // conv.group) * math.prod(conv.kernel_shape))
     return x.transpose(0, 1)
+
+
+def unfold_rows(x: torch.Tensor, conv: ConvParams, groups: int | None = None) -> torch.Tensor:
+    """``x`` [B, C, *spatial] -> ``[groups, C / groups * prod(kernel), B * prod(out_spatial)]``, contiguous.
+
+    The transpose of ``unfold``: one row per feature, tokens contiguous. The copy then runs along output positions
+    (long strided rows, not kernel-sized pieces) and X^T X is an NT product of contiguous rows. ``groups`` overrides
+    ``conv.group`` for a slice of the channels (a run of whole groups).
+    """
+    r, (b, c) = conv.spatial_rank, x.shape[:2]
+    g = conv.group if groups is None else groups
+    x = windows(x, conv, g)
+    out = x.shape[2:2 + r]
+    # [B, C, L..., k...] -> [C, k..., B, L...] -> [groups, C_g * prod(k), B * prod(L)]
+    perm = [1, *range(2 + r, 2 + 2 * r), 0, *range(2, 2 + r)]
+    return x.permute(*perm).reshape(g, (c // g) * math.prod(conv.kernel_shape), b * math.prod(out))

@@ -31,7 +31,7 @@ from ..graph.schedule import Schedule, Segment, build_schedule
 from ..graph.targets import Target
 from ..threads import pinned_threads, torch_threads
 from .frontier import FrontierStore
-from .stats import LayerStats, StatsAccumulator, finalize, tokens
+from .stats import LayerStats, StatsAccumulator, conv_input, finalize, tokens
 
 ActQuant = Callable[[Target, np.ndarray], np.ndarray]
 GraphHook = Callable[[ir.Graph, Segment], None]
@@ -496,10 +496,15 @@ class CaptureEngine:
                     xq = np.asarray(self.act_quant(ts[0], view))
                     if xq.shape != xf.shape:
                         raise ValueError(f"act_quant changed the shape of {name!r}: {xf.shape} -> {xq.shape}")
-                with torch_threads(1):  # reshapes and im2col copies: memory-bound (threads.py)
-                    tq = tokens(xq, ts[0], self.device, self.stats_dtype)
-                    tf = tq if same else tokens(xf, ts[0], self.device, self.stats_dtype)
-                accs[key].add(tq, tf, same=same)  # GEMMs on the run's pinned threads (threads.py)
+                if ts[0].op_type == "Conv":  # im2col piece by piece inside add (StatsAccumulator.add_conv)
+                    tq = conv_input(xq, ts[0], self.device, self.stats_dtype)
+                    tf = tq if same else conv_input(xf, ts[0], self.device, self.stats_dtype)
+                    accs[key].add(tq, tf, same=same, conv=ts[0].conv)
+                else:
+                    with torch_threads(1):  # reshapes and token copies: memory-bound (threads.py)
+                        tq = tokens(xq, ts[0], self.device, self.stats_dtype)
+                        tf = tq if same else tokens(xf, ts[0], self.device, self.stats_dtype)
+                    accs[key].add(tq, tf, same=same)  # GEMMs on the run's pinned threads (threads.py)
                 if self.keep_inputs:
                     for t in ts:
                         self.kept_inputs[t.name].x_tilde.append(np.array(xq))

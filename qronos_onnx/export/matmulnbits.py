@@ -36,7 +36,7 @@ import torch
 from ..errors import ExportError
 from ..formats import IntGrid, QuantizedWeight
 from ..graph.targets import Target
-from .qdq import _SCALE_NP, _all_names, _const, _unique, check_scale_signs, export_qdq
+from .qdq import _SCALE_NP, _all_names, _const, _lazy_const, _unique, check_scale_signs, export_qdq
 
 log = logging.getLogger(__name__)
 
@@ -187,24 +187,15 @@ def _deferred_nbits(enc: NBitsEncoding) -> NBitsEncoding:
 
 
 def _rewire_nbits(model: ir.Model, enc: NBitsEncoding, targets: list[Target], taken: set[str],
-                  accuracy_level: int, nodes: dict[str, ir.Node],
-                  encode: Callable[[], NBitsEncoding] | None = None) -> int:
+                  accuracy_level: int, nodes: dict[str, ir.Node], encode: Callable[[], NBitsEncoding]) -> int:
     """Replace the weight's MatMuls by MatMulNBits; ``nodes`` (name -> node, built once) is kept up to date;
-    ``encode``: packs B again on demand (a LazyTensor initializer) instead of storing ``enc.B``."""
+    ``encode`` packs B again when the file is written (a lazy initializer: ``enc`` is the deferred encoding)."""
     graph = model.graph
     w = enc.weight_name
     old = graph.initializers.get(w)
     if old is None:
         raise ExportError(f"weight initializer {w!r} is not in the model's main graph")
-    if encode is None:
-        B = _const(graph, _unique(f"{w}_MatMulNBits_B", taken), enc.B)
-    else:
-        name = _unique(f"{w}_MatMulNBits_B", taken)
-        lazy = ir.LazyTensor(lambda: ir.Tensor(encode().B), dtype=ir.DataType.UINT8, shape=ir.Shape(enc.B.shape),
-                             name=name)
-        B = ir.Value(name=name, shape=ir.Shape(enc.B.shape), type=ir.TensorType(ir.DataType.UINT8),
-                     const_value=lazy)
-        graph.register_initializer(B)
+    B = _lazy_const(graph, _unique(f"{w}_MatMulNBits_B", taken), lambda: encode().B, enc.B.dtype, enc.B.shape)
     scales = _const(graph, _unique(f"{w}_MatMulNBits_scales", taken), enc.scales)
     zp = None if enc.zero_points is None else _const(graph, _unique(f"{w}_MatMulNBits_zero_points", taken),
                                                       enc.zero_points)

@@ -128,8 +128,6 @@ def encode_weight(name: str, qw: QuantizedWeight, target: Target) -> WeightEncod
     _, np_dtype, cmin, cmax = CONTAINERS[container]
 
     codes = qw.codes.detach().cpu()  # in the byte it is stored in (compact_codes): 4x less to move than int32
-    if codes.is_floating_point():
-        codes = codes.to(torch.int32)
     lo, hi = int(codes.min()), int(codes.max())
     if lo < max(grid.qmin, cmin) or hi > min(grid.qmax, cmax):
         raise ExportError(f"quantized weight {name!r}: codes span [{lo}, {hi}], outside the {grid.bits}-bit grid "
@@ -310,6 +308,16 @@ def _const(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
     return value
 
 
+def _lazy_const(graph: ir.Graph, name: str, make: Callable[[], np.ndarray], dtype: np.dtype,
+                shape: tuple[int, ...]) -> ir.Value:
+    """An initializer whose array ``make`` builds when the file is written (or the value is read), not now."""
+    tensor = ir.LazyTensor(lambda: ir.Tensor(make()), dtype=ir.DataType.from_numpy(np.dtype(dtype)),
+                           shape=ir.Shape(shape), name=name)
+    value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
 def _deferred(enc: WeightEncoding) -> WeightEncoding:
     """``enc`` without its codes array (a zero-size broadcast view of the same shape and dtype stands in): the
     codes initializer is a LazyTensor that encodes again when the file is written, tensor by tensor, so that the
@@ -318,22 +326,16 @@ def _deferred(enc: WeightEncoding) -> WeightEncoding:
 
 
 def _rewire(model: ir.Model, enc: WeightEncoding, targets: list[Target], nodes: dict[str, ir.Node],
-            taken: set[str], codes: ir.TensorProtocol | None = None) -> int:
-    """Add the codes/scale/zero-point initializers of one weight and a DQ in front of each consumer; ``codes``:
-    the codes tensor to store (default: ``enc.codes`` in memory)."""
+            taken: set[str], encode: Callable[[], WeightEncoding]) -> int:
+    """Add the codes/scale/zero-point initializers of one weight and a DQ in front of each consumer; ``encode``
+    encodes the weight again when the file is written (a lazy codes initializer: ``enc`` is the deferred one)."""
     graph = model.graph
     w = enc.weight_name
     old = graph.initializers.get(w)
     if old is None:
         raise ExportError(f"weight initializer {w!r} is not in the model's main graph")
-    if codes is None:
-        codes = _const(graph, _unique(f"{w}_quantized", taken), enc.codes)
-    else:
-        name = _unique(f"{w}_quantized", taken)
-        codes.name = name
-        codes = ir.Value(name=name, shape=ir.Shape(enc.codes.shape), type=ir.TensorType(codes.dtype),
-                         const_value=codes)
-        graph.register_initializer(codes)
+    codes = _lazy_const(graph, _unique(f"{w}_quantized", taken), lambda: encode().codes, enc.codes.dtype,
+                        enc.codes.shape)
     scale = _const(graph, _unique(f"{w}_scale", taken), enc.scale)
     zp = None if enc.zero_point is None else _const(graph, _unique(f"{w}_zero_point", taken), enc.zero_point)
     attrs = {"axis": enc.axis}
@@ -406,9 +408,7 @@ def export_qdq(model: ir.Model, quantized: dict[str, QuantizedWeight], targets: 
 
     nodes = {n.name: n for n in model.graph if n.name}
     taken = _all_names(model)
-    n_dq = sum(_rewire(model, enc, ts, nodes, taken, codes=ir.LazyTensor(
-        lambda encode=encoders[enc.weight_name]: ir.Tensor(encode().codes),
-        dtype=ir.DataType.from_numpy(enc.codes.dtype), shape=ir.Shape(enc.codes.shape))) for enc, ts in encodings)
+    n_dq = sum(_rewire(model, enc, ts, nodes, taken, encoders[enc.weight_name]) for enc, ts in encodings)
 
     props = model.metadata_props
     props.update({str(k): str(v) for k, v in metadata.items()})

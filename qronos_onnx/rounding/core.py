@@ -22,6 +22,7 @@ from ..threads import torch_threads
 
 POWER_ITERATIONS = 30  # Brevitas magr.py::_power_iteration
 CHOL_GUARD = 1e4  # chol(c*A)/sqrt(c), Brevitas gptq.py / qronos.py
+ROW_CHUNK_ELEMENTS = 1 << 16  # rows x block columns (x batch) per pass of lazy_round's column loop: 256 KB
 MAX_RETRIES = 5  # Cholesky retries, damping x10 each
 DAMPING_GROWTH = 10.0
 RETRY_FLOOR = 1e-6  # first retry damping (relative to mean diag H) when the initial damping is 0
@@ -381,8 +382,8 @@ def lazy_round(Y: torch.Tensor, P: torch.Tensor, grid: ColumnGrid, *, start: int
         Pb = P[:, i0:i1, i0:i1]
         g = grid.block(i0, i1)
         # rows are independent in the column loop: a few at a time keeps each column's strided reads in cache
-        # (a whole 32000-row lm_head block is 16 MB); every element sees the same operations, so the same bits
-        # elementwise, so on one thread (threads.py): the same bits, no waiting for a second thread per column
+        # (a whole 32000-row lm_head block is 16 MB). Elementwise work, on one thread (threads.py): every element
+        # sees the same operations whatever the chunks or threads, so the same bits
         rows = max(8, ROW_CHUNK_ELEMENTS // (B * (i1 - i0)))
         with torch_threads(1):
             for r0 in range(0, K, rows):
@@ -394,9 +395,6 @@ def lazy_round(Y: torch.Tensor, P: torch.Tensor, grid: ColumnGrid, *, start: int
         if i1 < N:  # in place, no K x N temporary: this update is most of the loop's memory traffic
             Y[..., i1:].baddbmm_(Db, P[:, i0:i1, i1:], alpha=-1.0)
     return codes
-
-
-ROW_CHUNK_ELEMENTS = 1 << 16  # rows x block columns (x batch) handled per pass of the column loop: 256 KB of float32
 
 
 def _round_columns(Yb: torch.Tensor, Db: torch.Tensor, Cb: torch.Tensor, Ob: torch.Tensor | None, Pb: torch.Tensor,

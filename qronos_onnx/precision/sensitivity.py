@@ -48,7 +48,7 @@ from ..formats import make_grid
 from ..graph.model import read_initializer
 from ..graph.schedule import Segment, suffix_segment, target_depths
 from ..graph.targets import Target, weight_matrix
-from ..threads import pinned_threads
+from ..threads import pinned_threads, torch_threads
 from .plan import LayerPlan, average_bits, promote, storage_bits
 
 log = logging.getLogger(__name__)
@@ -457,11 +457,13 @@ class _Probe:
     def _quantized_weight(self, t: Target, plan: LayerPlan) -> np.ndarray:
         key = (t.weight_name, plan.weights)
         if key not in self._weight_cache:
-            W = weight_matrix(self.model, t)
-            scale_dtype = torch.float16 if np.dtype(t.weight_dtype) == np.float16 else torch.float32
-            grid = make_grid(W, plan.weights, scale_dtype, force_per_channel=(t.op_type == "Conv"), name=t.weight_name)
-            Q = grid.round(W.float())
-            self._weight_cache[key] = t.from_matrix(Q).contiguous().numpy().astype(t.weight_dtype, copy=False)
+            with torch_threads(1):  # elementwise passes: a second thread only waits (threads.py), same bits
+                W = weight_matrix(self.model, t)
+                scale_dtype = torch.float16 if np.dtype(t.weight_dtype) == np.float16 else torch.float32
+                grid = make_grid(W, plan.weights, scale_dtype, force_per_channel=(t.op_type == "Conv"),
+                                 name=t.weight_name)
+                Q = grid.round(W.float())
+                self._weight_cache[key] = t.from_matrix(Q).contiguous().numpy().astype(t.weight_dtype, copy=False)
         return self._weight_cache[key]
 
     def _feeds(self, targets: Sequence[Target], plans: Mapping[str, LayerPlan]) -> dict[str, np.ndarray]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -717,8 +718,18 @@ def _split_readers(model: ir.Model, p: _Plan, k: int, edits: _Edits) -> list[str
 
 # --------------------------------------------------------------------------------------------- v / o heads
 
-def _head_pairs(model: ir.Model, p: _Plan, targets: Sequence[Target]) -> list[tuple[Target, Target, int]]:
-    """(v_proj, o_proj, head_dim) where the path between them is per-head linear."""
+class _HeadPair(NamedTuple):
+    v: Target
+    o: Target
+    head_dim: int
+    bias: tuple[ir.Node, int] | None  # v's bias: (its Add, the input holding the constant)
+
+
+def _head_pairs(model: ir.Model, p: _Plan, targets: Sequence[Target]) -> list[_HeadPair]:
+    """(v_proj, o_proj, head_dim, v's bias) where the path between them is per-head linear.
+
+    v_proj may add a constant bias before the heads are split (Qwen2's q/k/v carry biases): the bias is rotated with
+    v's columns, so the path stays per-head linear."""
     by_node = {t.name: t for t in targets}
     reader_names = {t.name for ts in p.readers.values() for t in ts}
     pairs = []
@@ -740,6 +751,12 @@ def _head_pairs(model: ir.Model, p: _Plan, targets: Sequence[Target]) -> list[tu
                 if last is not None and last > 0:
                     head_dim = last
             prod = prod.inputs[0].producer()
+        bias = None
+        if prod is not None and prod.op_type == "Add" and len(prod.outputs[0].uses()) == 1:
+            consts = [i for i, x in enumerate(prod.inputs) if _is_init(x)]
+            if len(consts) == 1:
+                bias = (prod, consts[0])
+                prod = prod.inputs[1 - consts[0]].producer()
         if prod is None or prod.name not in by_node or prod.name not in reader_names or head_dim is None:
             continue
         t_v, t_o = by_node[prod.name], by_node[w.node.name]
@@ -747,7 +764,12 @@ def _head_pairs(model: ir.Model, p: _Plan, targets: Sequence[Target]) -> list[tu
             continue
         if len(prod.outputs[0].uses()) != 1:  # v is read by something other than the attention path
             continue
-        pairs.append((t_v, t_o, head_dim))
+        if bias is not None:  # one value per v channel (any leading dims of size 1), else not per-head linear
+            shape = bias[0].inputs[bias[1]].const_value.shape
+            if shape is None or len(shape) == 0 or int(shape[-1]) != t_v.out_channels \
+                    or any(int(d) != 1 for d in list(shape)[:-1]):
+                continue
+        pairs.append(_HeadPair(t_v, t_o, head_dim, bias))
     return pairs
 
 
@@ -764,14 +786,19 @@ def _shape_last(v: ir.Value) -> int | None:
     return None
 
 
-def _apply_heads(model: ir.Model, pairs, seed: int, edits: _Edits) -> None:
+def _apply_heads(model: ir.Model, pairs: list[_HeadPair], seed: int, edits: _Edits) -> None:
     node_by_name = {n.name: n for n in model.graph}
-    for t_v, t_o, hd in pairs:
+    for t_v, t_o, hd, bias in pairs:
         Hh = rotation_matrix(hd, seed + 1)
         nv, no = node_by_name[t_v.name], node_by_name[t_o.name]
         wv = _owned(edits, nv, 1, lambda u, nv=nv: u is nv)
         Wv = wv.const_value.numpy().astype(np.float64)  # [D, Dv]
         edits.set(wv, (Wv.reshape(Wv.shape[0], -1, hd) @ Hh).reshape(Wv.shape))
+        if bias is not None:
+            add, index = bias
+            bv = _owned(edits, add, index, lambda u, add=add: u is add)
+            b = bv.const_value.numpy().astype(np.float64)
+            edits.set(bv, (b.reshape(-1, hd) @ Hh).reshape(b.shape))
         wo = _owned(edits, no, 1, lambda u, no=no: u is no)
         Wo = wo.const_value.numpy().astype(np.float64)  # [Dv_o, D]
         edits.set(wo, (Hh.T @ Wo.reshape(-1, hd, Wo.shape[1])).reshape(Wo.shape))
@@ -826,11 +853,11 @@ def fuse_rotations(model: ir.Model, targets: Sequence[Target], sample: Mapping[s
                             else "rotate:fused(input)")
     for name in writers:
         transform_log.touch(name, "rotate:fused(output)")
-    for t_v, t_o, hd in pairs:
+    for t_v, t_o, hd, _ in pairs:
         transform_log.touch(t_v.name, f"rotate:head{hd}(output)")
         transform_log.touch(t_o.name, f"rotate:head{hd}(input)")
     return FusedRotation(dim=p.dim, norms=len(p.norms), readers=readers, writers=writers,
-                         head_rotated=[(a.name, b.name, hd) for a, b, hd in pairs], online=[], max_rel_diff=worst,
+                         head_rotated=[(a.name, b.name, hd) for a, b, hd, _ in pairs], online=[], max_rel_diff=worst,
                          tied_heads=list(edits.tied_heads), outlier_channels=list(channels), float_side=side)
 
 

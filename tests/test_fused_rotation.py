@@ -111,22 +111,28 @@ def test_fused_rotation_preserves_the_function_and_folds_norms(llamas, exporter,
         assert not np.array_equal(got, ref)  # the weights really changed
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_v_proj_with_a_bias_gets_its_head_rotation_fused(exporter, tmp_path):
-    """Qwen2-style attention: q/k/v carry biases (MatMul + Add); v's bias is rotated with its columns, so v/o still
-    take the head-sized Hadamard and only down_proj keeps a float rotation (weight-only)."""
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=BLOCKS,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   use_cache=False, attn_implementation="eager")
+def test_v_with_a_bias_or_in_a_fused_qkv_gets_its_head_rotation_fused(arch, exporter, tmp_path):
+    """Qwen2: q/k/v carry biases (MatMul + Add); v's bias is rotated with its columns. Phi-3: one qkv_proj whose
+    output is sliced; only v's columns are rotated. Either way v/o take the head-sized Hadamard, so weight-only keeps
+    one float rotation per block (down_proj)."""
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=BLOCKS,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
+                  attn_implementation="eager")
     torch.manual_seed(1)
-    m = transformers.Qwen2ForCausalLM(cfg).eval()
+    if arch == "qwen2":
+        m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)).eval()
+        assert m.model.layers[0].self_attn.v_proj.bias is not None
+    else:
+        m = transformers.Phi3ForCausalLM(transformers.Phi3Config(pad_token_id=0, **common)).eval()
+        assert hasattr(m.model.layers[0].self_attn, "qkv_proj")
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith("bias"):  # non-zero biases, so that rotating v's is tested
                 p.uniform_(-0.5, 0.5)
-    assert m.model.layers[0].self_attn.v_proj.bias is not None
     ids = torch.randint(0, VOCAB, (1, 8))
-    path = tmp_path / "qwen2.onnx"
+    path = tmp_path / f"{arch}.onnx"
     if exporter == "dynamo":
         torch.onnx.export(_Logits(m), (ids, torch.ones_like(ids)), str(path), dynamo=True,
                           input_names=["input_ids", "attention_mask"], output_names=["logits"],
@@ -137,8 +143,11 @@ def test_v_proj_with_a_bias_gets_its_head_rotation_fused(exporter, tmp_path):
                           dynamic_axes={"input_ids": {1: "s"}, "attention_mask": {1: "s"}})
     model = load_model(path)
     fold_constant_aliases(model)
-    fr = fuse_rotations(model, find_targets(model), _feeds(path)[0], TransformLog(), seed=3, run=run_float_model)
+    tlog = TransformLog()
+    fr = fuse_rotations(model, find_targets(model), _feeds(path)[0], tlog, seed=3, run=run_float_model)
     assert len(fr.head_rotated) == BLOCKS and all(hd == 16 for _, _, hd in fr.head_rotated)
+    if arch == "phi3":  # q (64 columns) and k (32) untouched, v = the last 32
+        assert all("rotate:head16(output columns 96:128)" in tlog.touched[v] for v, _, _ in fr.head_rotated)
     out = tmp_path / "rot.onnx"
     save_model(model, out)
     for f in _feeds(path, n=2, seq=11, seed=5):

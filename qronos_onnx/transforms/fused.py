@@ -723,13 +723,15 @@ class _HeadPair(NamedTuple):
     o: Target
     head_dim: int
     bias: tuple[ir.Node, int] | None  # v's bias: (its Add, the input holding the constant)
+    cols: tuple[int, int]  # v's output columns: all of them, or v's part of a fused q/k/v weight
 
 
 def _head_pairs(model: ir.Model, p: _Plan, targets: Sequence[Target]) -> list[_HeadPair]:
-    """(v_proj, o_proj, head_dim, v's bias) where the path between them is per-head linear.
+    """(v_proj, o_proj, head_dim, v's bias, v's columns) where the path between them is per-head linear.
 
     v_proj may add a constant bias before the heads are split (Qwen2's q/k/v carry biases): the bias is rotated with
-    v's columns, so the path stays per-head linear."""
+    v's columns. v may also be a constant slice of the last axis of a fused q/k/v projection (Phi-3's qkv_proj), when
+    every other reader of that projection is a slice of columns outside v's: only v's columns are rotated."""
     by_node = {t.name: t for t in targets}
     reader_names = {t.name for ts in p.readers.values() for t in ts}
     pairs = []
@@ -751,8 +753,15 @@ def _head_pairs(model: ir.Model, p: _Plan, targets: Sequence[Target]) -> list[_H
                 if last is not None and last > 0:
                     head_dim = last
             prod = prod.inputs[0].producer()
+        part = None  # (the Slice, its column range) when v is a slice of a fused projection
+        if prod is not None and prod.op_type == "Slice" and len(prod.outputs[0].uses()) == 1:
+            span = _last_axis_slice(prod, rank_unknown_ok=True)
+            if span is None:
+                continue
+            part = (prod, span)
+            prod = prod.inputs[0].producer()
         bias = None
-        if prod is not None and prod.op_type == "Add" and len(prod.outputs[0].uses()) == 1:
+        if part is None and prod is not None and prod.op_type == "Add" and len(prod.outputs[0].uses()) == 1:
             consts = [i for i, x in enumerate(prod.inputs) if _is_init(x)]
             if len(consts) == 1:
                 bias = (prod, consts[0])
@@ -760,17 +769,68 @@ def _head_pairs(model: ir.Model, p: _Plan, targets: Sequence[Target]) -> list[_H
         if prod is None or prod.name not in by_node or prod.name not in reader_names or head_dim is None:
             continue
         t_v, t_o = by_node[prod.name], by_node[w.node.name]
-        if t_v.out_channels % head_dim or t_o.in_features % head_dim or t_v.op_type != "MatMul":
+        if t_o.in_features % head_dim or t_v.op_type != "MatMul":
             continue
-        if len(prod.outputs[0].uses()) != 1:  # v is read by something other than the attention path
+        cols = (0, t_v.out_channels)
+        if part is None:
+            if len(prod.outputs[0].uses()) != 1:  # v is read by something other than the attention path
+                continue
+        else:
+            n = t_v.out_channels
+            cols = _clamp(part[1], n)
+            others = [u for u, _ in prod.outputs[0].uses() if u is not part[0]]
+            spans = [_last_axis_slice(u, rank_unknown_ok=True)
+                     if u.op_type == "Slice" and u.inputs[0] is prod.outputs[0] else None for u in others]
+            if prod.outputs[0].is_graph_output() or any(sp is None for sp in spans) \
+                    or any(_overlap(_clamp(sp, n), cols) for sp in spans):
+                continue
+            if _last_axis_slice(part[0]) is None:  # axis taken as the last on trust: the slices must tile [0, n)
+                pieces = sorted([cols] + [_clamp(sp, n) for sp in spans])
+                if len({_axis_of(u) for u in [part[0], *others]}) != 1 or pieces[0][0] != 0 \
+                        or pieces[-1][1] != n or any(a[1] != b[0] for a, b in zip(pieces, pieces[1:])):
+                    continue
+        if (cols[1] - cols[0]) % head_dim or cols[1] <= cols[0]:
             continue
         if bias is not None:  # one value per v channel (any leading dims of size 1), else not per-head linear
             shape = bias[0].inputs[bias[1]].const_value.shape
             if shape is None or len(shape) == 0 or int(shape[-1]) != t_v.out_channels \
                     or any(int(d) != 1 for d in list(shape)[:-1]):
                 continue
-        pairs.append(_HeadPair(t_v, t_o, head_dim, bias))
+        pairs.append(_HeadPair(t_v, t_o, head_dim, bias, cols))
     return pairs
+
+
+def _last_axis_slice(node: ir.Node, rank_unknown_ok: bool = False) -> tuple[int, int] | None:
+    """(start, end) of a Slice of the last axis by constants with step 1, else None. ``rank_unknown_ok``: a positive
+    axis counts as the last when the input's rank is not recorded (the TorchScript exporter writes few shapes)."""
+    ins = list(node.inputs) + [None] * (5 - len(node.inputs))
+    starts, ends, axes, steps = (_const(v) for v in ins[1:5])
+    if starts is None or ends is None or starts.size != 1 or ends.size != 1:
+        return None
+    if steps is not None and (steps.size != 1 or int(steps.reshape(-1)[0]) != 1):
+        return None
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    axis = int(axes.reshape(-1)[0]) if axes is not None and axes.size == 1 else (None if axes is not None else 0)
+    if axis is None:
+        return None
+    if not (axis == -1 or (rank is not None and axis == rank - 1) or (rank is None and rank_unknown_ok and axis > 0)):
+        return None
+    return int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0])
+
+
+def _axis_of(node: ir.Node) -> int | None:
+    axes = _const(node.inputs[3]) if len(node.inputs) > 3 else None
+    return int(axes.reshape(-1)[0]) if axes is not None and axes.size == 1 else None
+
+
+def _clamp(span: tuple[int, int], n: int) -> tuple[int, int]:
+    """A Slice's (start, end) on an axis of length n, as ONNX clamps them (negative counts from the end)."""
+    s, e = (min(max(i + n if i < 0 else i, 0), n) for i in span)
+    return s, e
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return max(a[0], b[0]) < min(a[1], b[1])
 
 
 def _shape_last(v: ir.Value) -> int | None:
@@ -788,12 +848,15 @@ def _shape_last(v: ir.Value) -> int | None:
 
 def _apply_heads(model: ir.Model, pairs: list[_HeadPair], seed: int, edits: _Edits) -> None:
     node_by_name = {n.name: n for n in model.graph}
-    for t_v, t_o, hd, bias in pairs:
+    for pair in pairs:
+        t_v, t_o, hd, bias = pair.v, pair.o, pair.head_dim, pair.bias
         Hh = rotation_matrix(hd, seed + 1)
         nv, no = node_by_name[t_v.name], node_by_name[t_o.name]
         wv = _owned(edits, nv, 1, lambda u, nv=nv: u is nv)
         Wv = wv.const_value.numpy().astype(np.float64)  # [D, Dv]
-        edits.set(wv, (Wv.reshape(Wv.shape[0], -1, hd) @ Hh).reshape(Wv.shape))
+        a, b = pair.cols
+        Wv[:, a:b] = (Wv[:, a:b].reshape(Wv.shape[0], -1, hd) @ Hh).reshape(Wv.shape[0], b - a)
+        edits.set(wv, Wv)
         if bias is not None:
             add, index = bias
             bv = _owned(edits, add, index, lambda u, add=add: u is add)
@@ -853,11 +916,12 @@ def fuse_rotations(model: ir.Model, targets: Sequence[Target], sample: Mapping[s
                             else "rotate:fused(input)")
     for name in writers:
         transform_log.touch(name, "rotate:fused(output)")
-    for t_v, t_o, hd, _ in pairs:
-        transform_log.touch(t_v.name, f"rotate:head{hd}(output)")
+    for t_v, t_o, hd, _, (a, b) in pairs:
+        transform_log.touch(t_v.name, f"rotate:head{hd}(output)" if (a, b) == (0, t_v.out_channels)
+                            else f"rotate:head{hd}(output columns {a}:{b})")
         transform_log.touch(t_o.name, f"rotate:head{hd}(input)")
     return FusedRotation(dim=p.dim, norms=len(p.norms), readers=readers, writers=writers,
-                         head_rotated=[(a.name, b.name, hd) for a, b, hd, _ in pairs], online=[], max_rel_diff=worst,
+                         head_rotated=[(pr.v.name, pr.o.name, pr.head_dim) for pr in pairs], online=[], max_rel_diff=worst,
                          tied_heads=list(edits.tied_heads), outlier_channels=list(channels), float_side=side)
 
 

@@ -111,12 +111,13 @@ def test_fused_rotation_preserves_the_function_and_folds_norms(llamas, exporter,
         assert not np.array_equal(got, ref)  # the weights really changed
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
+@pytest.mark.parametrize("arch", ["qwen2", "phi3", "qwen3"])
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_v_with_a_bias_or_in_a_fused_qkv_gets_its_head_rotation_fused(arch, exporter, tmp_path):
+def test_other_decoder_families_fuse(arch, exporter, tmp_path):
     """Qwen2: q/k/v carry biases (MatMul + Add); v's bias is rotated with its columns. Phi-3: one qkv_proj whose
     output is sliced; only v's columns are rotated. Either way v/o take the head-sized Hadamard, so weight-only keeps
-    one float rotation per block (down_proj)."""
+    one float rotation per block (down_proj). Qwen3: RMSNorms over each q/k head (read by the attention, not by a
+    MatMul) are off the residual stream and left alone."""
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=BLOCKS,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
                   attn_implementation="eager")
@@ -124,6 +125,9 @@ def test_v_with_a_bias_or_in_a_fused_qkv_gets_its_head_rotation_fused(arch, expo
     if arch == "qwen2":
         m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)).eval()
         assert m.model.layers[0].self_attn.v_proj.bias is not None
+    elif arch == "qwen3":
+        m = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **common)).eval()
+        assert m.model.layers[0].self_attn.q_norm is not None
     else:
         m = transformers.Phi3ForCausalLM(transformers.Phi3Config(pad_token_id=0, **common)).eval()
         assert hasattr(m.model.layers[0].self_attn, "qkv_proj")
@@ -131,6 +135,8 @@ def test_v_with_a_bias_or_in_a_fused_qkv_gets_its_head_rotation_fused(arch, expo
         for name, p in m.named_parameters():
             if name.endswith("bias"):  # non-zero biases, so that rotating v's is tested
                 p.uniform_(-0.5, 0.5)
+            if "norm" in name:  # non-trivial scales: folded on the stream, kept on the q/k heads
+                p.uniform_(0.5, 1.5)
     ids = torch.randint(0, VOCAB, (1, 8))
     path = tmp_path / f"{arch}.onnx"
     if exporter == "dynamo":
@@ -148,6 +154,13 @@ def test_v_with_a_bias_or_in_a_fused_qkv_gets_its_head_rotation_fused(arch, expo
     assert len(fr.head_rotated) == BLOCKS and all(hd == 16 for _, _, hd in fr.head_rotated)
     if arch == "phi3":  # q (64 columns) and k (32) untouched, v = the last 32
         assert all("rotate:head16(output columns 96:128)" in tlog.touched[v] for v, _, _ in fr.head_rotated)
+    assert fr.norms == 2 * BLOCKS + 1
+    gammas = [n.gamma.const_value.numpy() for n in find_norms(model.graph) if n.gamma is not None]
+    folded = [g for g in gammas if g.shape == (64,) and np.array_equal(g, np.ones(64, np.float32))]
+    assert len(folded) == 2 * BLOCKS + 1
+    if arch == "qwen3":  # q_norm and k_norm (16 wide) per block, unchanged
+        heads = [g for g in gammas if g.shape == (16,)]
+        assert len(heads) == 2 * BLOCKS and not any(np.array_equal(g, np.ones(16, np.float32)) for g in heads)
     out = tmp_path / "rot.onnx"
     save_model(model, out)
     for f in _feeds(path, n=2, seq=11, seed=5):

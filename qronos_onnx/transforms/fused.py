@@ -12,7 +12,9 @@ per block. Activation outliers are then spread by Q exactly where INT4 activatio
 
 The graph is recognised, never assumed: norms (spelled out as Pow/ReduceMean/Add/Sqrt/Reciprocal-or-Div/Mul, or
 SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization / RMSNormalization on the last axis), the residual
-stream (Add, Skip-norm sums, scalar Mul between norms and writers) and every consumer of it. Anything else on the
+stream (Add, Skip-norm sums, scalar Mul between norms and writers) and every consumer of it. A norm read by anything
+but MatMul/Gemm targets (Qwen3's per-head q/k norms) is not a stream norm and is left alone, provided its input is off
+the stream (a stream tensor read by anything else stops the transform). Anything else on the
 stream (a LayerNormalization that centres, a graph input or output carrying it, a non-linear op) stops the transform
 with ``FusedRotationUnsupported`` naming the node; the caller falls back to online rotations. After the weights are
 changed, the float model is run on a calibration sample and compared with the original; a mismatch undoes every
@@ -289,8 +291,10 @@ def plan(model: ir.Model, targets: Sequence[Target]) -> _Plan:
     readers: dict[str, list[Target]] = {}
     transposed: dict[str, ir.Value] = {}  # reader node -> the table it reads through Transpose (a tied lm_head)
     dims = set()
+    stream_norms: list[_Norm] = []
+    inner: list[FusedRotationUnsupported] = []  # norms read by something else: not on the stream (Qwen3's q/k norms)
     for n in norms:
-        rs = []
+        rs, tr = [], {}
         for user, idx in _uses(n.output):
             if user.op_type in _SHAPE_ONLY:
                 continue
@@ -298,12 +302,19 @@ def plan(model: ir.Model, targets: Sequence[Target]) -> _Plan:
             if t is None and idx == 0:
                 t = _transposed_reader(user, n.output)
                 if t is not None:
-                    transposed[user.name] = user.inputs[1].producer().inputs[0]
+                    tr[user.name] = user.inputs[1].producer().inputs[0]
             if t is None or idx != 0 or t.op_type not in ("MatMul", "Gemm"):
-                raise FusedRotationUnsupported(user.name, f"{user.op_type} reads the output of norm {n.node.name!r} "
-                                                          "but is not a quantizable MatMul/Gemm with a constant weight")
+                inner.append(FusedRotationUnsupported(user.name, f"{user.op_type} reads the output of norm "
+                                                                 f"{n.node.name!r} but is not a quantizable MatMul/Gemm "
+                                                                 "with a constant weight"))
+                rs = None
+                break
             rs.append(t)
-            dims.add(t.in_features)
+        if rs is None:  # kept only if its input is off the stream: checked with the stream's consumers below
+            continue
+        stream_norms.append(n)
+        transposed.update(tr)
+        dims.update(t.in_features for t in rs)
         if n.output.is_graph_output():
             raise FusedRotationUnsupported(n.node.name, "its output is a graph output and would leave rotated")
         readers[n.output.name] = rs
@@ -312,6 +323,9 @@ def plan(model: ir.Model, targets: Sequence[Target]) -> _Plan:
             if g is None or g.ndim != 1:
                 raise FusedRotationUnsupported(n.node.name, "its scale is not a constant vector")
             dims.add(g.shape[0])
+    if not stream_norms:
+        raise inner[0]
+    norms = stream_norms
     if len(dims) != 1:
         raise FusedRotationUnsupported(norms[0].node.name, f"norms and their readers disagree on the width: "
                                                            f"{sorted(dims)}")

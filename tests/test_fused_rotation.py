@@ -229,7 +229,7 @@ def test_fused_on_a_graph_without_norms_falls_back(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         quantize(path, calib, tmp_path / "q.onnx", load_recipe("w4").override(
             {"transforms.rotate": "fused", "rounding.algorithm": "rtn"}), quiet=True)
-    assert "no RMSNorm found" in caplog.text
+    assert "no RMSNorm or LayerNorm found" in caplog.text
 
 
 def test_tied_head_read_through_transpose_stays_tied_in_float_or_is_untied_and_quantized(llamas, tmp_path):
@@ -472,3 +472,74 @@ def test_weight_only_takes_outlier_channels_only_when_counted(massive_llama, tmp
         res = quantize(massive_llama, calib, tmp_path / f"q{request}.onnx", cfg, quiet=True)
         noted = any("residual channel(s) kept out of the rotation" in n for n in res.transforms["notes"])
         assert noted == split, res.transforms["notes"]
+
+
+def test_keep_ones_is_orthogonal_and_fixes_the_ones_vector():
+    from qronos_onnx.transforms.fused import keep_ones, outlier_rotation
+    from qronos_onnx.transforms.online import rotation_matrix
+    for d in (8, 64, 96, 576):
+        Q = keep_ones(rotation_matrix(d, seed=2))
+        assert np.allclose(Q @ Q.T, np.eye(d), atol=1e-12)
+        assert np.allclose(Q @ np.ones(d), np.ones(d), atol=1e-12)
+        assert np.max(np.abs(Q)) < 4 / np.sqrt(d) + 1e-12  # still incoherent: no entry near 1
+    Q = outlier_rotation(64, [3, 40], seed=1, ones=True)
+    assert np.allclose(Q @ Q.T, np.eye(64), atol=1e-12) and np.allclose(Q @ np.ones(64), np.ones(64), atol=1e-12)
+    assert Q[3, 62] == 1.0 and Q[40, 63] == 1.0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_layernorm_decoders_fuse_with_centred_writers(arch, tmp_path):
+    """Pre-LN decoders with LayerNormalization (GPT-2: Conv1D written as Gemm on 2-D rows behind Reshapes; OPT:
+    MatMul + bias Adds): the writers are centred, Q keeps the ones vector, gamma and beta go into the readers, and
+    the float model is unchanged; quantized with W4A4, two float rotations per block remain."""
+    torch.manual_seed(2)
+    if arch == "gpt2":
+        m = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=BLOCKS, n_head=4,
+                                                                 n_positions=64)).eval()
+    else:
+        m = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96,
+                                                               num_hidden_layers=BLOCKS, num_attention_heads=4,
+                                                               max_position_embeddings=64,
+                                                               word_embed_proj_dim=64)).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "ln" in name or "layer_norm" in name:  # non-trivial gamma and beta
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.uniform_(-0.5, 0.5)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids):
+            return self.m(input_ids=input_ids, use_cache=False).logits
+
+    ids = torch.randint(0, VOCAB, (1, 8))
+    path = tmp_path / f"{arch}.onnx"
+    torch.onnx.export(Logits(m).eval(), (ids,), str(path), dynamo=True, input_names=["input_ids"],
+                      output_names=["logits"], dynamic_shapes=({1: torch.export.Dim("s", max=64)},))
+    model = load_model(path)
+    fold_constant_aliases(model)
+    feeds = [{"input_ids": f["input_ids"]} for f in _feeds(path, n=3, seq=11, seed=5)]
+    fr = fuse_rotations(model, find_targets(model), feeds[0], TransformLog(), seed=3, run=run_float_model)
+    assert fr.norms == 2 * BLOCKS + 1 and len(fr.readers) >= 2 * BLOCKS + 1
+    for node in model.graph:
+        if node.op_type == "LayerNormalization":  # gamma 1, beta 0: the norm only divides by the rms now
+            assert np.array_equal(node.inputs[1].const_value.numpy(), np.ones(64, np.float32))
+            assert len(node.inputs) < 3 or not np.any(node.inputs[2].const_value.numpy())
+    out = tmp_path / "rot.onnx"
+    save_model(model, out)
+    for f in feeds:
+        ref, got = _ort(path, f), _ort(out, f)
+        assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))
+        assert not np.array_equal(got, ref)
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, f in enumerate(_feeds(path, n=4, seq=16, seed=1)):
+        np.savez(calib / f"s{i}.npz", input_ids=f["input_ids"])
+    cfg = load_recipe("w4a4").override({"transforms.rotate": "fused", "rounding.algorithm": "rtn"})
+    res = quantize(path, calib, tmp_path / "q.onnx", cfg, quiet=True)
+    report = json.loads(res.report_path.read_text())
+    assert report["transforms"]["float_rotation_nodes"] == 2 * BLOCKS
+    assert "fused rotation: D=64" in report["transforms"]["notes"][0]

@@ -10,13 +10,21 @@ and o_proj's input where the path between them is per-head linear (reshapes, tra
 MatMul). What is left, the down_proj input in practice, gets the online rotation of ``online.py``: one float MatMul
 per block. Activation outliers are then spread by Q exactly where INT4 activation quantizers see them.
 
+Pre-LN models with LayerNormalization (GPT-2, OPT) take the same rotation after SliceGPT's step: every writer is
+centred (W <- W (I - 11^T/D), biases and embedding rows too), so the stream has zero mean and each LayerNorm's mean
+subtraction does nothing; Q is chosen with Q 1 = 1 (``keep_ones``), so the rotated stream keeps a zero mean, and the
+LayerNorm then divides by the same rms as before: it commutes with Q. Its gamma goes into the readers like an RMSNorm's
+and its beta into their biases (beta W, into a Gemm's C, a bias Add, or a new Add).
+
 The graph is recognised, never assumed: norms (spelled out as Pow/ReduceMean/Add/Sqrt/Reciprocal-or-Div/Mul, or
-SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization / RMSNormalization on the last axis), the residual
-stream (Add, Skip-norm sums, scalar Mul between norms and writers) and every consumer of it. A norm read by anything
+SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization / RMSNormalization / LayerNormalization on the last
+axis), the residual stream (Add, Skip-norm sums, scalar Mul, Reshapes that keep the last axis and inference
+Dropouts between norms and writers; a Reshape may also sit between a norm and its readers) and every consumer of it. A norm read by anything
 but MatMul/Gemm targets (Qwen3's per-head q/k norms) is not a stream norm and is left alone, provided its input is off
 the stream (a stream tensor read by anything else stops the transform). Anything else on the
-stream (a LayerNormalization that centres, a graph input or output carrying it, a non-linear op) stops the transform
-with ``FusedRotationUnsupported`` naming the node; the caller falls back to online rotations. After the weights are
+stream (a graph input or output carrying it, a constant added to it, a non-linear op) stops the transform
+with ``FusedRotationUnsupported`` naming the node; the caller falls back to online rotations. RMSNorms and LayerNorms
+on one stream are refused (centring would change the RMSNorms). After the weights are
 changed, the float model is run on a calibration sample and compared with the original; a mismatch undoes every
 change and also falls back.
 """
@@ -63,6 +71,8 @@ class _Norm:
     gamma: ir.Value | None  # constant [D] scale (None: no scale)
     sources: list[ir.Value] = field(default_factory=list)  # Skip-norm: its two summed inputs (stream members)
     bias: ir.Value | None = None  # Skip-norm: constant bias added to the sum
+    beta: ir.Value | None = None  # LayerNormalization: its constant shift (folded into the readers' biases)
+    centering: bool = False  # LayerNormalization: subtracts the mean (see _Plan.centering)
 
 
 @dataclass
@@ -129,6 +139,33 @@ def _single_use(v: ir.Value) -> ir.Node | None:
     """The one consumer of ``v`` that reads its values (Shape / Size readers do not count)."""
     uses = [(u, i) for u, i in _uses(v) if u.op_type not in _SHAPE_ONLY]
     return uses[0][0] if len(uses) == 1 and not v.is_graph_output() else None
+
+
+def _is_last_axis(x: ir.Value | None, axis: int) -> bool:
+    rank = x.shape.rank() if x is not None and x.shape is not None else None
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def _keeps_last(node: ir.Node, dim: int) -> bool:
+    """A Reshape whose target keeps a last axis of ``dim``: it regroups whole rows (merges or splits leading axes),
+    so it commutes with a rotation of the last axis."""
+    if node.op_type != "Reshape":
+        return False
+    c = _const(node.inputs[1])
+    if c is None:
+        p = node.inputs[1].producer()
+        c = _const(p.inputs[-1]) if p is not None and p.op_type == "Concat" and p.inputs else None
+    return c is not None and c.size >= 1 and int(c.reshape(-1)[-1]) == dim
+
+
+def _inference_dropout(node: ir.Node) -> bool:
+    """A Dropout that is the identity: no training_mode input, or a constant false one; its mask unread."""
+    if node.op_type != "Dropout":
+        return False
+    mode = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.array(False)
+    if mode is None or bool(np.asarray(mode).reshape(-1)[0]):
+        return False
+    return not any(o is not None and o.name and o.uses() for o in list(node.outputs)[1:])
 
 
 def _last_axis(node: ir.Node) -> bool:
@@ -209,6 +246,14 @@ def find_norms(graph: ir.Graph) -> list[_Norm]:
                 raise FusedRotationUnsupported(node.name, f"{op} over axis {_int_attr(node, 'axis', -1)}, not the "
                                                           "last one")
             norms.append(_Norm(node, node.inputs[0], node.outputs[0], node.inputs[1]))
+        elif op == "LayerNormalization" and dom in ("", "ai.onnx"):
+            if _int_attr(node, "axis", -1) != -1 and not _is_last_axis(node.inputs[0], _int_attr(node, "axis", -1)):
+                raise FusedRotationUnsupported(node.name, f"LayerNormalization over axis {_int_attr(node, 'axis', -1)}, "
+                                                          "not the last one")
+            if any(o is not None and o.name and o.uses() for o in list(node.outputs)[1:]):
+                raise FusedRotationUnsupported(node.name, "its mean or inverse standard deviation is read")
+            beta = node.inputs[2] if len(node.inputs) > 2 else None
+            norms.append(_Norm(node, node.inputs[0], node.outputs[0], node.inputs[1], beta=beta, centering=True))
         elif op == "SkipSimplifiedLayerNormalization" and dom == MS_DOMAIN:
             if len(node.outputs) < 4 or node.outputs[3] is None or not node.outputs[3].name:
                 summed = None
@@ -230,6 +275,11 @@ class _Plan:
     writers: list[_Writer]
     stream: set[int]  # id() of the residual stream values
     transposed: dict[str, ir.Value] = field(default_factory=dict)  # reader -> table read through a Transpose
+    # LayerNormalization norms: every writer is centred (W <- W (I - 11^T/D)), so the stream has zero mean and the
+    # norms' mean subtraction does nothing; Q then keeps the ones vector (Q 1 = 1) so that the rotated stream keeps a
+    # zero mean too, and each norm computes r Q / rms(r): the norm commutes with Q as an RMSNorm does (SliceGPT)
+    centering: bool = False
+    hops: list[ir.Node] = field(default_factory=list)  # Reshapes between a norm and its readers (GPT-2)
 
 
 def _transposed_reader(node: ir.Node, x: ir.Value) -> Target | None:
@@ -281,21 +331,26 @@ def plan(model: ir.Model, targets: Sequence[Target]) -> _Plan:
     graph = model.graph
     norms = find_norms(graph)
     if not norms:
-        raise FusedRotationUnsupported(graph.name or "graph", "no RMSNorm found (Pow/ReduceMean/Sqrt/Mul spelled out, "
-                                                              "SimplifiedLayerNormalization or RMSNormalization)")
-    for node in graph:
-        if node.op_type == "LayerNormalization":
-            raise FusedRotationUnsupported(node.name, "LayerNormalization centres its input, which does not commute "
-                                                      "with a rotation")
+        raise FusedRotationUnsupported(graph.name or "graph", "no RMSNorm or LayerNorm found (Pow/ReduceMean/Sqrt/Mul "
+                                                              "spelled out, SimplifiedLayerNormalization, "
+                                                              "RMSNormalization or LayerNormalization)")
     by_node = {t.name: t for t in targets}
     readers: dict[str, list[Target]] = {}
     transposed: dict[str, ir.Value] = {}  # reader node -> the table it reads through Transpose (a tied lm_head)
     dims = set()
     stream_norms: list[_Norm] = []
     inner: list[FusedRotationUnsupported] = []  # norms read by something else: not on the stream (Qwen3's q/k norms)
+    hops: list[ir.Node] = []
     for n in norms:
         rs, tr = [], {}
-        for user, idx in _uses(n.output):
+        width = _const(n.gamma).size if n.gamma is not None and _const(n.gamma) is not None else None
+        users = list(_uses(n.output))
+        hop = []
+        if width is not None and len(users) == 1 and users[0][1] == 0 and _keeps_last(users[0][0], width) \
+                and not users[0][0].outputs[0].is_graph_output():
+            hop = [users[0][0]]  # LN -> Reshape(..., D) -> readers (GPT-2's Conv1D as Gemm on 2-D rows)
+            users = list(_uses(hop[0].outputs[0]))
+        for user, idx in users:
             if user.op_type in _SHAPE_ONLY:
                 continue
             t = by_node.get(user.name)
@@ -313,6 +368,7 @@ def plan(model: ir.Model, targets: Sequence[Target]) -> _Plan:
         if rs is None:  # kept only if its input is off the stream: checked with the stream's consumers below
             continue
         stream_norms.append(n)
+        hops += hop
         transposed.update(tr)
         dims.update(t.in_features for t in rs)
         if n.output.is_graph_output():
@@ -326,6 +382,11 @@ def plan(model: ir.Model, targets: Sequence[Target]) -> _Plan:
     if not stream_norms:
         raise inner[0]
     norms = stream_norms
+    centering = any(n.centering for n in norms)
+    if centering and not all(n.centering for n in norms):
+        raise FusedRotationUnsupported(next(n for n in norms if not n.centering).node.name,
+                                       "RMSNorms and LayerNorms on one stream: centring the writers for the LayerNorms "
+                                       "would change what the RMSNorms compute")
     if len(dims) != 1:
         raise FusedRotationUnsupported(norms[0].node.name, f"norms and their readers disagree on the width: "
                                                            f"{sorted(dims)}")
@@ -361,7 +422,8 @@ def plan(model: ir.Model, targets: Sequence[Target]) -> _Plan:
             todo += list(p.inputs)
         elif p.op_type == "Mul" and any(_const(i) is not None and _const(i).size == 1 for i in p.inputs):
             todo += [i for i in p.inputs if _const(i) is None or _const(i).size != 1]
-        elif p.op_type == "Cast":
+        elif p.op_type == "Cast" or (p.op_type == "Reshape" and _keeps_last(p, dim)) \
+                or (_inference_dropout(p) and p.outputs[0] is v):
             todo.append(p.inputs[0])
         elif p.op_type == "SkipSimplifiedLayerNormalization" and p.outputs.index(v) == 3:
             todo += [p.inputs[0], p.inputs[1]]
@@ -384,9 +446,11 @@ def plan(model: ir.Model, targets: Sequence[Target]) -> _Plan:
                 continue
             if user.op_type in ("Add", "Mul", "Cast") and all(id(o) in stream for o in user.outputs):
                 continue
+            if idx == 0 and id(user.outputs[0]) in stream and (_keeps_last(user, dim) or _inference_dropout(user)):
+                continue
             raise FusedRotationUnsupported(user.name, f"{user.op_type} reads residual-stream tensor {v.name!r} "
                                                       "and would see it rotated")
-    return _Plan(dim, norms, readers, list(writers.values()), stream, transposed)
+    return _Plan(dim, norms, readers, list(writers.values()), stream, transposed, centering, hops)
 
 
 def _all_values(graph: ir.Graph) -> list[ir.Value]:
@@ -445,6 +509,13 @@ class _Edits:
         self._nodes: list[ir.Node] = []
         self._outputs: list[tuple[int, ir.Value, ir.Value, str]] = []
         self.tied_heads: list[str] = []
+
+    def before(self, value: ir.Value) -> np.ndarray | None:
+        """The value's constant before its first ``set`` (None: never set)."""
+        for v, old in self._values:
+            if v is value:
+                return old.numpy()
+        return None
 
     def set(self, value: ir.Value, arr: np.ndarray) -> None:
         self._values.append((value, value.const_value))
@@ -554,6 +625,67 @@ def _owned(edits: _Edits, node: ir.Node, index: int, allowed: Callable[[ir.Node]
     return v
 
 
+def keep_ones(Q: np.ndarray) -> np.ndarray:
+    """``G Q`` with G the Householder reflection taking Q1/|Q1| to 1/|1|: orthogonal, maps the ones vector to itself
+    (so a zero-mean row stays zero-mean once rotated), and differs from Q by a rank-one term."""
+    d = Q.shape[0]
+    a = Q @ np.ones(d) / np.sqrt(d)
+    u = np.ones(d) / np.sqrt(d)
+    w = a - u
+    n = np.linalg.norm(w)
+    if n < 1e-12:
+        return Q
+    w /= n
+    return Q - 2.0 * np.outer(w, w @ Q)
+
+
+def _original(edits: _Edits, v: ir.Value) -> np.ndarray:
+    """A constant's value before this transform changed it."""
+    return edits.before(v) if edits.before(v) is not None else v.const_value.numpy()
+
+
+def _add_bias(edits: _Edits, node: ir.Node, t: Target, delta: np.ndarray) -> None:
+    """Add ``delta`` ([N]) to the output of reader ``node``: into Gemm's C, into a constant bias Add after it, or
+    as a new Add."""
+    if node.op_type == "Gemm":  # alpha A B + beta C: the shift is alpha beta_ln W
+        alpha = node.attributes["alpha"].as_float() if "alpha" in node.attributes else 1.0
+        delta = alpha * delta
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        scale = node.attributes["beta"].as_float() if "beta" in node.attributes else 1.0
+        if scale == 0.0:
+            raise FusedRotationUnsupported(node.name, "its bias is multiplied by beta = 0")
+        delta = delta / scale
+        if _const(node.inputs[2]) is None:
+            raise FusedRotationUnsupported(node.name, "a LayerNorm shift would go into this Gemm's bias, which is "
+                                                      "not a constant")
+        c = _owned(edits, node, 2, lambda u, node=node: u is node)
+        old = c.const_value.numpy().astype(np.float64)
+        if old.size not in (1, len(delta)):
+            raise FusedRotationUnsupported(node.name, "its bias is not a per-output vector")
+        edits.set(c, np.broadcast_to(old.reshape(-1), (len(delta),)) + delta)
+        return
+    y = node.outputs[0]
+    after = _single_use(y)
+    if after is not None and after.op_type == "Add" and not y.is_graph_output():
+        k = 1 if after.inputs[0] is y else 0
+        c = _const(after.inputs[k])
+        if c is not None and c.size == len(delta) and c.shape[-1] == len(delta):
+            cv = _owned(edits, after, k, lambda u, after=after: u is after)
+            edits.set(cv, c.astype(np.float64) + delta.reshape(c.shape))
+            return
+    bias = edits.constant(delta.astype(np.dtype(y.dtype.numpy()) if y.dtype is not None else np.float32),
+                          f"{node.name}_shift")
+    add = ir.node("Add", [y, bias], name=edits._fresh(f"{node.name}/shift"))
+    add.outputs[0].name = edits._fresh(f"{y.name}_shifted")
+    add.outputs[0].type, add.outputs[0].shape = y.type, y.shape
+    for user, idx in list(y.uses()):
+        if user is not add:
+            edits.replace_input(user, idx, add.outputs[0])
+    edits.insert_after(node, [add])
+    if y.is_graph_output():
+        edits.take_output(y, add.outputs[0])
+
+
 def _apply(model: ir.Model, p: _Plan, Q: np.ndarray, edits: _Edits) -> tuple[list[str], list[str]]:
     graph = model.graph
     reader_nodes = {t.name for ts in p.readers.values() for t in ts}
@@ -586,11 +718,27 @@ def _apply(model: ir.Model, p: _Plan, Q: np.ndarray, edits: _Edits) -> tuple[lis
                 edits.set(w, (W * gamma[None, :]) @ Q)
             else:  # [D, N]
                 edits.set(w, Q.T @ (gamma[:, None] * W))
+    for n in p.norms:  # a LayerNorm's shift beta reaches each reader as the bias beta W
+        beta = _const(n.beta) if n.beta is not None else None
+        if beta is None or not np.any(beta):
+            continue
+        beta = beta.astype(np.float64).reshape(-1)
+        for t in p.readers[n.output.name]:
+            node = node_by_name[t.name]
+            if t.name in p.transposed:
+                W = p.transposed[t.name].const_value.numpy().astype(np.float64).T  # [D, V], as read before rotation
+            else:
+                W = _original(edits, node.inputs[1]).astype(np.float64)
+                W = W.T if t.op_type == "Gemm" and t.trans_b else W
+            _add_bias(edits, node, t, beta @ W)
     for n in p.norms:
         if n.gamma is None:
             continue
         g = _owned(edits, n.node, list(n.node.inputs).index(n.gamma), lambda u, n=n: u is n.node)
         edits.set(g, np.ones(p.dim))
+        if n.beta is not None and _const(n.beta) is not None and np.any(_const(n.beta)):
+            b = _owned(edits, n.node, 2, lambda u, n=n: u is n.node)
+            edits.set(b, np.zeros(p.dim))
     # 2. writers: W' = W Q (the stream leaves them rotated), biases b Q
     done = {}
     for w in p.writers:
@@ -599,10 +747,13 @@ def _apply(model: ir.Model, p: _Plan, Q: np.ndarray, edits: _Edits) -> tuple[lis
         if id(wv) not in done:
             done[id(wv)] = True
             W = wv.const_value.numpy().astype(np.float64)
-            if W.shape[0 if (w.kind == "gemm" and _int_attr(w.node, "transB", 0)) else 1] != p.dim:
+            trans = w.kind == "gemm" and _int_attr(w.node, "transB", 0)
+            if W.shape[0 if trans else 1] != p.dim:
                 raise FusedRotationUnsupported(w.node.name, f"writes {W.shape} into a residual stream of width "
                                                             f"{p.dim}")
-            if w.kind == "gemm" and _int_attr(w.node, "transB", 0):
+            if p.centering:  # each written row gets a zero mean over the stream's width
+                W = W - W.mean(axis=0 if trans else 1, keepdims=True)
+            if trans:
                 edits.set(wv, Q.T @ W)
             else:
                 edits.set(wv, W @ Q)
@@ -610,6 +761,8 @@ def _apply(model: ir.Model, p: _Plan, Q: np.ndarray, edits: _Edits) -> tuple[lis
             b = _const(w.bias).astype(np.float64)
             if b.shape != (p.dim,):
                 raise FusedRotationUnsupported(w.node.name, f"bias of shape {b.shape} is not a [{p.dim}] vector")
+            if p.centering:
+                b = b - b.mean()
             user = next(u for u, _ in w.bias.uses())
             bv = _owned(edits, user, list(user.inputs).index(w.bias), lambda u, user=user: u is user)
             edits.set(bv, b @ Q)
@@ -666,13 +819,15 @@ def choose_outlier_channels(energy: np.ndarray, request: int | str, block: int =
     return sorted(int(c) for c in order[:k])
 
 
-def outlier_rotation(dim: int, channels: Sequence[int], seed: int) -> np.ndarray:
+def outlier_rotation(dim: int, channels: Sequence[int], seed: int, ones: bool = False) -> np.ndarray:
     """An orthogonal Q that rotates every channel but ``channels`` among themselves (into the first D - k columns)
-    and moves those k to the last columns untouched, so that a reader can take them apart with a Slice."""
+    and moves those k to the last columns untouched, so that a reader can take them apart with a Slice. ``ones``:
+    Q 1 = 1 (``keep_ones`` on the rotated block; the moved channels keep their ones)."""
     k = len(channels)
     rest = np.setdiff1d(np.arange(dim), np.asarray(channels, dtype=np.int64))
     Q = np.zeros((dim, dim))
-    Q[np.ix_(rest, np.arange(dim - k))] = rotation_matrix(dim - k, seed)
+    R = rotation_matrix(dim - k, seed)
+    Q[np.ix_(rest, np.arange(dim - k))] = keep_ones(R) if ones else R
     Q[np.asarray(channels, dtype=np.int64), np.arange(dim - k, dim)] = 1.0
     return Q
 
@@ -903,7 +1058,10 @@ def fuse_rotations(model: ir.Model, targets: Sequence[Target], sample: Mapping[s
         outputs = {v.name for v in model.graph.outputs}
         reference = {k: v for k, v in reference.items() if k in outputs}
     channels = channels or []
-    Q = outlier_rotation(p.dim, channels, seed) if channels else rotation_matrix(p.dim, seed)
+    if channels:
+        Q = outlier_rotation(p.dim, channels, seed, ones=p.centering)
+    else:
+        Q = keep_ones(rotation_matrix(p.dim, seed)) if p.centering else rotation_matrix(p.dim, seed)
     edits = _Edits(model.graph)
     side: list[str] = []
     try:

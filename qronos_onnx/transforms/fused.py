@@ -19,14 +19,14 @@ and its beta into their biases (beta W, into a Gemm's C, a bias Add, or a new Ad
 The graph is recognised, never assumed: norms (spelled out as Pow/ReduceMean/Add/Sqrt/Reciprocal-or-Div/Mul, or
 SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization / RMSNormalization / LayerNormalization on the last
 axis), the residual stream (Add, Skip-norm sums, scalar Mul, Reshapes that keep the last axis and inference
-Dropouts between norms and writers; a Reshape may also sit between a norm and its readers) and every consumer of it. A norm read by anything
-but MatMul/Gemm targets (Qwen3's per-head q/k norms) is not a stream norm and is left alone, provided its input is off
-the stream (a stream tensor read by anything else stops the transform). Anything else on the
-stream (a graph input or output carrying it, a constant added to it, a non-linear op) stops the transform
-with ``FusedRotationUnsupported`` naming the node; the caller falls back to online rotations. RMSNorms and LayerNorms
-on one stream are refused (centring would change the RMSNorms). After the weights are
-changed, the float model is run on a calibration sample and compared with the original; a mismatch undoes every
-change and also falls back.
+Dropouts between norms and writers; a Reshape may also sit between a norm and its readers) and every consumer of
+it. A norm read by anything but MatMul/Gemm targets (Qwen3's per-head q/k norms) is not a stream norm and is left
+alone, provided its input is off the stream (a stream tensor read by anything else stops the transform). Anything
+else on the stream (a graph input or output carrying it, a constant added to it, a non-linear op) stops the
+transform with ``FusedRotationUnsupported`` naming the node; the caller falls back to online rotations. RMSNorms and
+LayerNorms on one stream are refused (centring would change the RMSNorms). After the weights are changed, the float
+model is run on a calibration sample and compared with the original; a mismatch undoes every change and also falls
+back.
 """
 from __future__ import annotations
 
@@ -247,9 +247,9 @@ def find_norms(graph: ir.Graph) -> list[_Norm]:
                                                           "last one")
             norms.append(_Norm(node, node.inputs[0], node.outputs[0], node.inputs[1]))
         elif op == "LayerNormalization" and dom in ("", "ai.onnx"):
-            if _int_attr(node, "axis", -1) != -1 and not _is_last_axis(node.inputs[0], _int_attr(node, "axis", -1)):
-                raise FusedRotationUnsupported(node.name, f"LayerNormalization over axis {_int_attr(node, 'axis', -1)}, "
-                                                          "not the last one")
+            axis = _int_attr(node, "axis", -1)
+            if not _is_last_axis(node.inputs[0], axis):
+                raise FusedRotationUnsupported(node.name, f"LayerNormalization over axis {axis}, not the last one")
             if any(o is not None and o.name and o.uses() for o in list(node.outputs)[1:]):
                 raise FusedRotationUnsupported(node.name, "its mean or inverse standard deviation is read")
             beta = node.inputs[2] if len(node.inputs) > 2 else None
@@ -279,7 +279,6 @@ class _Plan:
     # norms' mean subtraction does nothing; Q then keeps the ones vector (Q 1 = 1) so that the rotated stream keeps a
     # zero mean too, and each norm computes r Q / rms(r): the norm commutes with Q as an RMSNorm does (SliceGPT)
     centering: bool = False
-    hops: list[ir.Node] = field(default_factory=list)  # Reshapes between a norm and its readers (GPT-2)
 
 
 def _transposed_reader(node: ir.Node, x: ir.Value) -> Target | None:
@@ -340,35 +339,32 @@ def plan(model: ir.Model, targets: Sequence[Target]) -> _Plan:
     dims = set()
     stream_norms: list[_Norm] = []
     inner: list[FusedRotationUnsupported] = []  # norms read by something else: not on the stream (Qwen3's q/k norms)
-    hops: list[ir.Node] = []
     for n in norms:
         rs, tr = [], {}
         width = _const(n.gamma).size if n.gamma is not None and _const(n.gamma) is not None else None
-        users = list(_uses(n.output))
-        hop = []
+        x, users = n.output, list(_uses(n.output))
         if width is not None and len(users) == 1 and users[0][1] == 0 and _keeps_last(users[0][0], width) \
                 and not users[0][0].outputs[0].is_graph_output():
-            hop = [users[0][0]]  # LN -> Reshape(..., D) -> readers (GPT-2's Conv1D as Gemm on 2-D rows)
-            users = list(_uses(hop[0].outputs[0]))
+            x = users[0][0].outputs[0]  # LN -> Reshape(..., D) -> readers (GPT-2's Conv1D as Gemm on 2-D rows)
+            users = list(_uses(x))
         for user, idx in users:
             if user.op_type in _SHAPE_ONLY:
                 continue
             t = by_node.get(user.name)
             if t is None and idx == 0:
-                t = _transposed_reader(user, n.output)
+                t = _transposed_reader(user, x)
                 if t is not None:
                     tr[user.name] = user.inputs[1].producer().inputs[0]
             if t is None or idx != 0 or t.op_type not in ("MatMul", "Gemm"):
-                inner.append(FusedRotationUnsupported(user.name, f"{user.op_type} reads the output of norm "
-                                                                 f"{n.node.name!r} but is not a quantizable MatMul/Gemm "
-                                                                 "with a constant weight"))
+                inner.append(FusedRotationUnsupported(
+                    user.name, f"{user.op_type} reads the output of norm {n.node.name!r} but is not a quantizable "
+                               "MatMul/Gemm with a constant weight"))
                 rs = None
                 break
             rs.append(t)
         if rs is None:  # kept only if its input is off the stream: checked with the stream's consumers below
             continue
         stream_norms.append(n)
-        hops += hop
         transposed.update(tr)
         dims.update(t.in_features for t in rs)
         if n.output.is_graph_output():
@@ -450,7 +446,7 @@ def plan(model: ir.Model, targets: Sequence[Target]) -> _Plan:
                 continue
             raise FusedRotationUnsupported(user.name, f"{user.op_type} reads residual-stream tensor {v.name!r} "
                                                       "and would see it rotated")
-    return _Plan(dim, norms, readers, list(writers.values()), stream, transposed, centering, hops)
+    return _Plan(dim, norms, readers, list(writers.values()), stream, transposed, centering)
 
 
 def _all_values(graph: ir.Graph) -> list[ir.Value]:
@@ -1093,7 +1089,8 @@ def fuse_rotations(model: ir.Model, targets: Sequence[Target], sample: Mapping[s
                             else f"rotate:head{hd}(output columns {a}:{b})")
         transform_log.touch(t_o.name, f"rotate:head{hd}(input)")
     return FusedRotation(dim=p.dim, norms=len(p.norms), readers=readers, writers=writers,
-                         head_rotated=[(pr.v.name, pr.o.name, pr.head_dim) for pr in pairs], online=[], max_rel_diff=worst,
+                         head_rotated=[(pr.v.name, pr.o.name, pr.head_dim) for pr in pairs], online=[],
+                         max_rel_diff=worst,
                          tied_heads=list(edits.tied_heads), outlier_channels=list(channels), float_side=side)
 
 

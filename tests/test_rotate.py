@@ -128,3 +128,40 @@ def test_rotate_option_is_validated():
     assert config_from_args(args).transforms.rotate == "online"
     with pytest.raises(ConfigError, match="transforms.rotate"):
         QuantConfig().override({"transforms.rotate": "givens"})
+
+
+def test_wide_rotations_run_in_kronecker_form(tmp_path, monkeypatch):
+    """From FACTORED_MIN_WIDTH on, R = diag(s) kron(A, B) runs as A^T reshape(x s) B: same function, two small
+    MatMuls per rotation, neither quantized; the weights are rotated by the same R. (The width threshold is lowered
+    so that the tiny 32/64-wide transformer takes that form.)"""
+    from qronos_onnx.transforms import TransformLog, online
+    from qronos_onnx.transforms.hadamard import hadamard_factors
+
+    for k in (32, 64, 576, 1536):
+        s, A, B = hadamard_factors(k, seed=0)
+        assert np.allclose(np.diag(s) @ np.kron(A, B), rotation_matrix(k, seed=0), atol=1e-14)
+        assert A.shape[0] * B.shape[0] == k and A.shape[0] > 1 and B.shape[0] > 1
+    monkeypatch.setattr(online, "FACTORED_MIN_WIDTH", 32)
+    path = tmp_path / "t.onnx"
+    onnx.save(tm.transformer(n_blocks=2), str(path))
+    model = load_model(path)
+    targets = find_targets(model)
+    log = TransformLog()
+    rotations = rotate_inputs(model, targets, seed=0, log=log)
+    assert len(log.float_rotations) == 2 * 4 + 1 and len(rotations) == 2 * len(log.float_rotations)
+    save_model(model, tmp_path / "rot.onnx", overwrite=True)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "rot.onnx")).graph.node if n.name.startswith(ROTATION_PREFIX)]
+    assert ops.count("MatMul") == 2 * 9 and ops.count("Reshape") == 2 * 9 and ops.count("Mul") == 9
+    for feed in tm.transformer_inputs(n=2, seq=8, seed=7):
+        ref, got = _run(path, feed), _run(tmp_path / "rot.onnx", feed)
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    rotated = load_model(tmp_path / "rot.onnx")
+    assert {t.name for t in find_targets(rotated, [f"^{r}$" for r in rotations])} == {t.name for t in targets}
+
+    cfg = load_recipe("w4a4").override({"transforms.rotate": "online", "rounding.algorithm": "rtn"})
+    res = quantize(path, _outlier_inputs(8, 1), tmp_path / "q.onnx", cfg, quiet=True)
+    assert len(res.layers) == 15  # the rotations' small MatMuls stay float
+    import json
+    assert json.loads(res.report_path.read_text())["transforms"]["float_rotation_nodes"] == 9
+    feed = _outlier_inputs(1, 9)[0]
+    assert np.isfinite(_run(tmp_path / "q.onnx", feed)).all()

@@ -494,7 +494,8 @@ def _rotate(model, targets: list[Target], cfg: QuantConfig, samples, transform_l
             head_inputs = set() if cfg.activations.enabled else {o for _, o, _ in fused.head_rotated}
             online_targets = [t for t in targets if t.name not in fused.readers and t.name not in head_inputs]
             transform_log.notes.append(
-                f"fused rotation: D={fused.dim}, {fused.norms} norms folded, {len(fused.readers)} readers, "
+                f"fused rotation: D={fused.dim}, {fused.norms} {'LayerNorms' if fused.centred else 'norms'} folded"
+                f"{' (writers centred)' if fused.centred else ''}, {len(fused.readers)} readers, "
                 f"{len(fused.writers)} writers, {len(fused.head_rotated)} v/o head pairs; float outputs moved by "
                 f"{fused.max_rel_diff:.1e} (relative)"
                 + (f"; tied head(s) {', '.join(fused.tied_heads)} keep reading the embedding table, their norm "

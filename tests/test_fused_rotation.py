@@ -542,4 +542,4 @@ def test_layernorm_decoders_fuse_with_centred_writers(arch, tmp_path):
     res = quantize(path, calib, tmp_path / "q.onnx", cfg, quiet=True)
     report = json.loads(res.report_path.read_text())
     assert report["transforms"]["float_rotation_nodes"] == 2 * BLOCKS
-    assert "fused rotation: D=64" in report["transforms"]["notes"][0]
+    assert "fused rotation: D=64, 5 LayerNorms folded (writers centred)" in report["transforms"]["notes"][0]

@@ -97,6 +97,7 @@ class FusedRotation:
     tied_heads: list[str] = field(default_factory=list)  # heads reading the rotated table through a D x D MatMul
     outlier_channels: list[int] = field(default_factory=list)  # residual channels kept out of Q, read in float
     float_side: list[str] = field(default_factory=list)  # the float MatMuls reading them (never quantized)
+    centred: bool = False  # LayerNorms: the writers were centred so that the norms commute with Q
 
 
 # --------------------------------------------------------------------------------------------- graph helpers
@@ -1091,7 +1092,8 @@ def fuse_rotations(model: ir.Model, targets: Sequence[Target], sample: Mapping[s
     return FusedRotation(dim=p.dim, norms=len(p.norms), readers=readers, writers=writers,
                          head_rotated=[(pr.v.name, pr.o.name, pr.head_dim) for pr in pairs], online=[],
                          max_rel_diff=worst,
-                         tied_heads=list(edits.tied_heads), outlier_channels=list(channels), float_side=side)
+                         tied_heads=list(edits.tied_heads), outlier_channels=list(channels), float_side=side,
+                         centred=p.centering)
 
 
 def _max_rel_diff(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:

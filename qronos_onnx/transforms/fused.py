@@ -150,13 +150,7 @@ def _is_last_axis(x: ir.Value | None, axis: int) -> bool:
 def _keeps_last(node: ir.Node, dim: int) -> bool:
     """A Reshape whose target keeps a last axis of ``dim``: it regroups whole rows (merges or splits leading axes),
     so it commutes with a rotation of the last axis."""
-    if node.op_type != "Reshape":
-        return False
-    c = _const(node.inputs[1])
-    if c is None:
-        p = node.inputs[1].producer()
-        c = _const(p.inputs[-1]) if p is not None and p.op_type == "Concat" and p.inputs else None
-    return c is not None and c.size >= 1 and int(c.reshape(-1)[-1]) == dim
+    return node.op_type == "Reshape" and _shape_last(node.inputs[1], min_pieces=1) == dim
 
 
 def _inference_dropout(node: ir.Node) -> bool:
@@ -638,10 +632,11 @@ def keep_ones(Q: np.ndarray) -> np.ndarray:
 
 def _original(edits: _Edits, v: ir.Value) -> np.ndarray:
     """A constant's value before this transform changed it."""
-    return edits.before(v) if edits.before(v) is not None else v.const_value.numpy()
+    old = edits.before(v)
+    return old if old is not None else v.const_value.numpy()
 
 
-def _add_bias(edits: _Edits, node: ir.Node, t: Target, delta: np.ndarray) -> None:
+def _add_bias(edits: _Edits, node: ir.Node, delta: np.ndarray) -> None:
     """Add ``delta`` ([N]) to the output of reader ``node``: into Gemm's C, into a constant bias Add after it, or
     as a new Add."""
     if node.op_type == "Gemm":  # alpha A B + beta C: the shift is alpha beta_ln W
@@ -727,15 +722,14 @@ def _apply(model: ir.Model, p: _Plan, Q: np.ndarray, edits: _Edits) -> tuple[lis
             else:
                 W = _original(edits, node.inputs[1]).astype(np.float64)
                 W = W.T if t.op_type == "Gemm" and t.trans_b else W
-            _add_bias(edits, node, t, beta @ W)
+            _add_bias(edits, node, beta @ W)
+        bv = _owned(edits, n.node, 2, lambda u, n=n: u is n.node)
+        edits.set(bv, np.zeros(p.dim))
     for n in p.norms:
         if n.gamma is None:
             continue
         g = _owned(edits, n.node, list(n.node.inputs).index(n.gamma), lambda u, n=n: u is n.node)
         edits.set(g, np.ones(p.dim))
-        if n.beta is not None and _const(n.beta) is not None and np.any(_const(n.beta)):
-            b = _owned(edits, n.node, 2, lambda u, n=n: u is n.node)
-            edits.set(b, np.zeros(p.dim))
     # 2. writers: W' = W Q (the stream leaves them rotated), biases b Q
     done = {}
     for w in p.writers:
@@ -999,13 +993,14 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return max(a[0], b[0]) < min(a[1], b[1])
 
 
-def _shape_last(v: ir.Value) -> int | None:
-    """The last entry of a Reshape target shape: a constant, or the constant tail of a Concat of pieces."""
+def _shape_last(v: ir.Value, min_pieces: int = 3) -> int | None:
+    """The last entry of a Reshape target shape: a constant, or the constant tail of a Concat of pieces; None when
+    the shape has fewer than ``min_pieces`` entries (Concat inputs). The default asks for a per-head shape."""
     c = _const(v)
     if c is not None:
-        return int(c.reshape(-1)[-1]) if c.size >= 3 else None
+        return int(c.reshape(-1)[-1]) if c.size >= max(min_pieces, 1) else None
     p = v.producer()
-    if p is not None and p.op_type == "Concat" and len(p.inputs) >= 3:
+    if p is not None and p.op_type == "Concat" and len(p.inputs) >= max(min_pieces, 1):
         tail = _const(p.inputs[-1])
         if tail is not None and tail.size >= 1:
             return int(tail.reshape(-1)[-1])

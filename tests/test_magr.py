@@ -218,6 +218,12 @@ def test_low_bit_presets_are_hip_plus_magr_and_the_plain_w2_recipe_stays():
     assert (plain.weights.bits, plain.transforms.rotate, plain.transforms.magr) == (2, "none", None)
     for name in ("w4a4-quarot", "mxfp4-quarot"):
         assert load_recipe(name).transforms.rotate == "fused" and load_recipe(name).activations.dynamic
+        assert load_recipe(name).capture.reference == "local"  # transformers under W+A (docs/activations.md)
+    w3 = cfg("--w3")  # HIP with MSE scales; --recipe w3 stays min-max
+    assert (w3.weights.bits, w3.weights.scale_method, w3.transforms.rotate) == (3, "mse", "fused")
+    assert cfg("--recipe", "w3").weights.scale_method == "minmax"
+    w2_hip = cfg("--recipe", "w2-hip")
+    assert (w2_hip.weights.bits, w2_hip.weights.scale_method, w2_hip.transforms.magr) == (2, "mse", None)
 
 
 def test_w3_tiny_decoder_magr_plus_qronos_beats_qronos_alone(tmp_path):
